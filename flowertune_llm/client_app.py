@@ -1,0 +1,49 @@
+"""ClientApp: Message -> Config -> train_one_round(...) -> Message."""
+
+from __future__ import annotations
+
+import os
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowertune_llm.config import parse_config
+from flowertune_llm.models import arrays_to_state, state_to_arrays
+from flowertune_llm.train import evaluate_adapter, train_one_round
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global adapter on this node's partition for one round."""
+    cfg = parse_config(context.run_config)
+    partition_id, num_partitions = _partition(context)
+    result = train_one_round(
+        cfg,
+        arrays_to_state(msg.content["arrays"]),
+        partition_id,
+        num_partitions,
+        lr=float(msg.content["config"]["lr"]),
+    )
+    metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
+    content = RecordDict({"arrays": state_to_arrays(result.state), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Completion loss of the global adapter on a slice of this node's partition."""
+    cfg = parse_config(context.run_config)
+    partition_id, num_partitions = _partition(context)
+    loss, n = evaluate_adapter(
+        cfg, arrays_to_state(msg.content["arrays"]), partition_id, num_partitions
+    )
+    metrics = MetricRecord({"eval_loss": loss, "num-examples": n})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,241 @@
+"""Flat Flower run_config (``"a.b-c"`` keys) -> one frozen, validated, typed object.
+
+The defaults live in one place only: ``[tool.flwr.app.config]`` in ``pyproject.toml``.
+Flower always passes every key, so a missing key here is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: The datasets the FlowerTune General-NLP leaderboard trains on (same rows, two hub copies).
+LEADERBOARD_DATASETS = ("vicgalle/alpaca-gpt4", "flwrlabs/alpaca-gpt4")
+#: The number of SuperNodes the leaderboard allows.
+LEADERBOARD_NUM_SUPERNODES = 20
+
+#: SFTConfig fields this app derives from other keys; users set those keys instead.
+_OWNED_TRAINING_ARGUMENTS = {
+    "learning_rate": "train.learning-rate-max / train.learning-rate-min",
+    "output_dir": "train.output-dir (the app trains in a temporary folder)",
+    "max_length": "train.seq-length",
+    "gradient_checkpointing": "model.gradient-checkpointing",
+    "seed": "train.seed",
+}
+_TA_PREFIX = "train.training-arguments."
+_QUANTIZATION_VALUES = {"4": 4, "8": 8, "0": 0, "none": 0}
+
+
+class ConfigError(ValueError):
+    """A run_config value is invalid; the message names the key and the value."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA/DoRA adapter hyper-parameters."""
+
+    r: int
+    alpha: int
+    dropout: float
+    use_dora: bool
+    target_modules: tuple[str, ...]  # () = PEFT's default for the architecture
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which base model to load and how."""
+
+    name: str
+    quantization: int  # 4, 8, or 0 (= none, full precision)
+    gradient_checkpointing: bool
+    lora: LoraSettings
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Per-round local training and the server-side LR schedule and checkpoints."""
+
+    save_every_round: int
+    learning_rate_max: float
+    learning_rate_min: float
+    seq_length: int
+    seed: int
+    output_dir: str
+    training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """Client sampling."""
+
+    fraction_train: float
+    fraction_evaluate: float
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration, validated once and passed around."""
+
+    num_server_rounds: int
+    dataset_name: str
+    model: ModelSettings
+    train: TrainSettings
+    strategy: StrategySettings
+
+    @property
+    def is_leaderboard_dataset(self) -> bool:
+        """True when the dataset is the one the leaderboard prescribes."""
+        return self.dataset_name in LEADERBOARD_DATASETS
+
+    def lr(self, server_round: int) -> float:
+        """The learning rate of a round, from the cosine schedule over all rounds."""
+        return cosine_lr(
+            server_round,
+            self.num_server_rounds,
+            self.train.learning_rate_max,
+            self.train.learning_rate_min,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (for logs and checkpoint metadata)."""
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Stable short hash of the resolved config."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cosine_lr(server_round: int, num_rounds: int, lr_max: float, lr_min: float) -> float:
+    """Cosine annealing over rounds, as in the FlowerTune baseline."""
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * server_round / num_rounds))
+
+
+def _require(cfg: Mapping[str, Any], key: str) -> Any:
+    if key not in cfg:
+        raise ConfigError(f"missing config key '{key}' (see [tool.flwr.app.config])")
+    return cfg[key]
+
+
+def _as_int(cfg: Mapping[str, Any], key: str, minimum: int | None = None) -> int:
+    value = _require(cfg, key)
+    try:
+        ok = not isinstance(value, bool) and float(value) == int(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if minimum is not None and int(value) < minimum:
+        raise ConfigError(f"{key}={value!r}: must be >= {minimum}")
+    return int(value)
+
+
+def _as_float(cfg: Mapping[str, Any], key: str) -> float:
+    value = _require(cfg, key)
+    try:
+        as_float = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        as_float = math.nan
+    if not math.isfinite(as_float):
+        raise ConfigError(f"{key}={value!r}: expected a finite number")
+    return as_float
+
+
+def _as_bool(cfg: Mapping[str, Any], key: str) -> bool:
+    value = _require(cfg, key)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    return value
+
+
+def _as_str(cfg: Mapping[str, Any], key: str, allow_empty: bool = False) -> str:
+    value = _require(cfg, key)
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise ConfigError(f"{key}={value!r}: expected a non-empty string")
+    return value.strip()
+
+
+def _fraction(cfg: Mapping[str, Any], key: str, allow_zero: bool) -> float:
+    value = _as_float(cfg, key)
+    if not ((value >= 0.0 if allow_zero else value > 0.0) and value <= 1.0):
+        raise ConfigError(f"{key}={value!r}: must be in {'[0, 1]' if allow_zero else '(0, 1]'}")
+    return value
+
+
+def _quantization(cfg: Mapping[str, Any]) -> int:
+    value = _require(cfg, "model.quantization")
+    text = str(value).strip().lower()
+    if isinstance(value, (bool, float)) or text not in _QUANTIZATION_VALUES:
+        raise ConfigError(f"model.quantization={value!r}: expected 4, 8, or none (0)")
+    return _QUANTIZATION_VALUES[text]
+
+
+def _training_arguments(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    from trl import SFTConfig  # deferred: keeps `import flowertune_llm.config` light
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    out = []
+    for key in sorted(k for k in cfg if k.startswith(_TA_PREFIX)):
+        name = key[len(_TA_PREFIX) :].replace("-", "_")
+        if name in _OWNED_TRAINING_ARGUMENTS:
+            raise ConfigError(f"{key}: set by the app; use {_OWNED_TRAINING_ARGUMENTS[name]}")
+        if name not in known:
+            raise ConfigError(f"{key}: '{name}' is not a field of trl.SFTConfig")
+        out.append((name, cfg[key]))
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if f"{_TA_PREFIX}{name.replace('_', '-')}" in cfg:
+            _as_int(cfg, f"{_TA_PREFIX}{name.replace('_', '-')}", minimum=1)
+    steps_key = f"{_TA_PREFIX}max-steps"
+    if steps_key in cfg and _as_int(cfg, steps_key) == 0:
+        raise ConfigError(f"{steps_key}=0: must be > 0 (or -1 to train by epochs)")
+    return tuple(out)
+
+
+def parse_config(run_config: Mapping[str, Any]) -> Config:
+    """Validate a flat run_config and build the typed Config; errors name the key."""
+    targets = _as_str(run_config, "model.lora.target-modules", allow_empty=True)
+    lora = LoraSettings(
+        r=_as_int(run_config, "model.lora.peft-lora-r", minimum=1),
+        alpha=_as_int(run_config, "model.lora.peft-lora-alpha", minimum=1),
+        dropout=_as_float(run_config, "model.lora.peft-lora-dropout"),
+        use_dora=_as_bool(run_config, "model.lora.use-dora"),
+        target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()),
+    )
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.peft-lora-dropout={lora.dropout!r}: must be in [0, 1)")
+    train = TrainSettings(
+        save_every_round=_as_int(run_config, "train.save-every-round", minimum=1),
+        learning_rate_max=_as_float(run_config, "train.learning-rate-max"),
+        learning_rate_min=_as_float(run_config, "train.learning-rate-min"),
+        seq_length=_as_int(run_config, "train.seq-length", minimum=8),
+        seed=_as_int(run_config, "train.seed", minimum=0),
+        output_dir=_as_str(run_config, "train.output-dir"),
+        training_arguments=_training_arguments(run_config),
+    )
+    if not 0.0 <= train.learning_rate_min <= train.learning_rate_max:
+        raise ConfigError(
+            f"train.learning-rate-min={train.learning_rate_min!r}: must be in "
+            f"[0, train.learning-rate-max={train.learning_rate_max!r}]"
+        )
+    return Config(
+        num_server_rounds=_as_int(run_config, "num-server-rounds", minimum=1),
+        dataset_name=_as_str(run_config, "static.dataset.name"),
+        model=ModelSettings(
+            name=_as_str(run_config, "model.name"),
+            quantization=_quantization(run_config),
+            gradient_checkpointing=_as_bool(run_config, "model.gradient-checkpointing"),
+            lora=lora,
+        ),
+        train=train,
+        strategy=StrategySettings(
+            fraction_train=_fraction(run_config, "strategy.fraction-train", allow_zero=False),
+            fraction_evaluate=_fraction(run_config, "strategy.fraction-evaluate", allow_zero=True),
+        ),
+    )

@@ -1,0 +1,131 @@
+"""alpaca-gpt4 (hub id or local file/folder) -> IID partitions -> prompt/completion rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from datasets import Dataset
+
+from flowertune_llm.config import ConfigError
+
+REQUIRED_COLUMNS = ("instruction", "input", "output")
+DATASET_KEY = "static.dataset.name"
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+#: The Alpaca prompt. Unlike the original FlowerTune template, the ``input`` text is kept.
+PROMPT_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+
+
+def build_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca prompt up to and including the response header (training and inference)."""
+    parts = [PROMPT_PREAMBLE, f"### Instruction:\n{instruction.strip()}"]
+    if input_text and input_text.strip():
+        parts.append(f"### Input:\n{input_text.strip()}")
+    parts.append("### Response:\n")
+    return "\n\n".join(parts)
+
+
+def to_prompt_completion(row: dict[str, str]) -> dict[str, str]:
+    """Turn an alpaca row into TRL's prompt-completion form (loss on the completion only)."""
+    return {
+        "prompt": build_prompt(row["instruction"], row.get("input") or ""),
+        "completion": row["output"].strip(),
+    }
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where `datasets.load_dataset` finds the data: a hub id, or a builder plus local files."""
+
+    path: str
+    data_files: tuple[str, ...] = ()
+
+    @property
+    def is_local(self) -> bool:
+        """True for local files/folders."""
+        return bool(self.data_files)
+
+    def load_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for `datasets.load_dataset` / `FederatedDataset`."""
+        if self.data_files:
+            return {"dataset": self.path, "data_files": list(self.data_files)}
+        return {"dataset": self.path}
+
+
+def _looks_local(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or Path(name).suffix.lower() in _BUILDERS
+        or Path(name).expanduser().exists()
+    )
+
+
+def resolve_source(name: str) -> DatasetSource:
+    """Map `static.dataset.name` to a source; a local path that does not exist is an error."""
+    if not _looks_local(name):
+        return DatasetSource(path=name)
+    path = Path(name).expanduser().resolve()
+    if not path.exists():
+        raise ConfigError(f"{DATASET_KEY}={name!r}: local path {path} does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in files if p.suffix.lower() in _BUILDERS]
+    builders = {_BUILDERS[p.suffix.lower()] for p in files}
+    if not files:
+        raise ConfigError(
+            f"{DATASET_KEY}={name!r}: no .json/.jsonl/.parquet/.csv file found at {path}"
+        )
+    if len(builders) > 1:
+        raise ConfigError(f"{DATASET_KEY}={name!r}: mixed file formats {sorted(builders)}")
+    return DatasetSource(path=builders.pop(), data_files=tuple(str(p) for p in files))
+
+
+@lru_cache(maxsize=4)
+def federated_dataset(name: str, num_partitions: int, seed: int):  # -> FederatedDataset
+    """The partitioned dataset, built once per process per (name, partitions, seed)."""
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    source = resolve_source(name)
+    return FederatedDataset(
+        partitioners={"train": IidPartitioner(num_partitions=num_partitions)},
+        shuffle=True,
+        seed=seed,
+        **source.load_kwargs(),
+    )
+
+
+def check_columns(dataset: Dataset, name: str) -> None:
+    """Refuse a dataset that lacks alpaca's columns, naming the missing ones."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ConfigError(
+            f"{DATASET_KEY}={name!r}: missing required column(s) {missing}; "
+            f"found {dataset.column_names}"
+        )
+
+
+def validate_dataset(name: str) -> int:
+    """Load the train split once, check its columns; return its row count."""
+    from datasets import load_dataset
+
+    kwargs = resolve_source(name).load_kwargs()
+    path = kwargs.pop("dataset")
+    try:
+        dataset = load_dataset(path, split="train", **kwargs)
+    except Exception as exc:  # network, unknown id, missing split, unreadable file
+        raise ConfigError(f"{DATASET_KEY}={name!r}: could not load the dataset: {exc}") from exc
+    check_columns(dataset, name)
+    return dataset.num_rows
+
+
+@lru_cache(maxsize=8)
+def load_partition(name: str, partition_id: int, num_partitions: int, seed: int) -> Dataset:
+    """One client's IID share in prompt-completion form (cached per process)."""
+    partition = federated_dataset(name, num_partitions, seed).load_partition(partition_id, "train")
+    check_columns(partition, name)
+    return partition.map(to_prompt_completion, remove_columns=partition.column_names)

@@ -1,0 +1,140 @@
+"""Base model (4-bit / 8-bit / full precision) + LoRA/DoRA wrapper; adapter <-> float32 arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from flowertune_llm.config import ConfigError, LoraSettings, ModelSettings
+
+AdapterState = dict[str, torch.Tensor]
+MODEL_KEY = "model.name"
+
+
+def default_device() -> str:
+    """CUDA when present, else CPU (bitsandbytes >= 0.49 quantizes on CPU too)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 where the GPU supports it; float32 on CPU, where bf16 matmuls are slow."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(bits: int, device: str) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for 4 or 8 bits (the baseline's defaults); None for full precision."""
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype(device))
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def check_model_source(name: str) -> None:
+    """Fail fast, naming `model.name`, when the model's config cannot be found."""
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{MODEL_KEY}={name!r}: no HF model folder (config.json) at {local}")
+        return
+    try:
+        AutoConfig.from_pretrained(name)
+    except Exception as exc:  # hub unreachable / unknown id / gated
+        raise ConfigError(
+            f"{MODEL_KEY}={name!r}: cannot load the model config from the hub or the local "
+            f"cache ({type(exc).__name__}: {exc}). Use a local model folder, or set "
+            "HF_HUB_OFFLINE=1 with a warm cache."
+        ) from exc
+
+
+def lora_config(lora: LoraSettings) -> LoraConfig:
+    """PEFT's LoraConfig from our settings (targets default to PEFT's per-architecture choice)."""
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        use_dora=lora.use_dora,
+        target_modules=list(lora.target_modules) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_base_model(settings: ModelSettings, device: str) -> PreTrainedModel:
+    """Load the (quantized) base model on one device."""
+    quant = quantization_config(settings.quantization, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        settings.name,
+        quantization_config=quant,
+        dtype=compute_dtype(device),
+        device_map={"": device},
+    )
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model
+
+
+def build_peft_model(settings: ModelSettings, device: str, seed: int) -> PeftModel:
+    """Base model + a freshly initialised adapter (deterministic for a given seed)."""
+    model = load_base_model(settings, device)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, lora_config(settings.lora))
+    peft_model.config.use_cache = False
+    return peft_model
+
+
+def adapter_state(model: PeftModel) -> AdapterState:
+    """The adapter's tensors as float32 on CPU (TRL may have cast them to bf16)."""
+    return {
+        k: v.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
+    }
+
+
+def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
+    """Load adapter tensors into the model, refusing missing or unexpected names."""
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    set_peft_model_state_dict(model, state)
+
+
+def state_to_arrays(state: AdapterState) -> ArrayRecord:
+    """Adapter tensors -> Flower ArrayRecord of float32 numpy arrays (order preserved)."""
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(v.numpy(), dtype=np.float32)) for k, v in state.items()}
+    )
+
+
+def arrays_to_state(arrays: ArrayRecord) -> AdapterState:
+    """Flower ArrayRecord -> adapter tensors (float32, CPU)."""
+    return {k: torch.from_numpy(np.array(a.numpy(), dtype=np.float32)) for k, a in arrays.items()}
+
+
+def initial_adapter(settings: ModelSettings, seed: int) -> tuple[AdapterState, LoraConfig]:
+    """The round-0 global adapter, built on CPU from the real base weights (DoRA needs them)."""
+    model = build_peft_model(settings, "cpu", seed)
+    state = adapter_state(model)
+    config = model.peft_config["default"]
+    del model
+    return state, config

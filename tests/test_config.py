@@ -1,0 +1,103 @@
+"""Config parsing/validation and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flowertune_llm.config import ConfigError, cosine_lr, parse_config
+from tests.conftest import default_run_config
+
+
+def test_pyproject_defaults_match_the_reference_baseline() -> None:
+    cfg = parse_config(default_run_config())
+    assert cfg.model.name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cfg.model.quantization == 4
+    assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout) == (8, 16, 0.075)
+    assert cfg.model.lora.use_dora and cfg.model.lora.target_modules == ()
+    assert cfg.num_server_rounds == 100 and cfg.train.save_every_round == 5
+    assert cfg.strategy.fraction_train == 0.1
+    assert cfg.dataset_name == "vicgalle/alpaca-gpt4" and cfg.is_leaderboard_dataset
+    ta = dict(cfg.train.training_arguments)
+    assert ta["per_device_train_batch_size"] == 16 and ta["max_steps"] == 10
+    assert ta["gradient_accumulation_steps"] == 1 and ta["lr_scheduler_type"] == "constant"
+    assert cfg.train.seq_length == 512
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("model.quantization", 3, "model.quantization=3"),
+        ("model.quantization", "fp16", "model.quantization='fp16'"),
+        ("num-server-rounds", 0, "num-server-rounds=0"),
+        ("num-server-rounds", -5, "num-server-rounds=-5"),
+        ("strategy.fraction-train", 0.0, "strategy.fraction-train=0.0"),
+        ("strategy.fraction-train", 1.5, "strategy.fraction-train=1.5"),
+        ("strategy.fraction-evaluate", -0.1, "strategy.fraction-evaluate=-0.1"),
+        ("train.save-every-round", 0, "train.save-every-round=0"),
+        ("model.lora.peft-lora-r", 0, "model.lora.peft-lora-r=0"),
+        ("model.lora.peft-lora-dropout", 1.0, "model.lora.peft-lora-dropout=1.0"),
+        ("train.learning-rate-min", 1.0, "train.learning-rate-min=1.0"),
+        ("model.name", "", "model.name=''"),
+        ("model.gradient-checkpointing", "yes", "model.gradient-checkpointing='yes'"),
+        ("train.training-arguments.max-steps", 0, "max-steps=0"),
+        ("train.training-arguments.per-device-train-batch-size", 0, "per-device-train-batch-size=0"),
+    ],
+)
+def test_bad_values_name_the_key_and_value(key: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(default_run_config(**{key: value}))
+    assert fragment in str(err.value)
+
+
+def test_unknown_training_argument_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="train.training-arguments.no-such-field"):
+        parse_config(default_run_config(**{"train.training-arguments.no-such-field": 1}))
+
+
+def test_training_arguments_owned_by_the_app_point_to_the_right_key() -> None:
+    with pytest.raises(ConfigError, match="train.learning-rate-max"):
+        parse_config(default_run_config(**{"train.training-arguments.learning-rate": 1e-3}))
+
+
+def test_missing_key_is_named() -> None:
+    cfg = default_run_config()
+    del cfg["train.seq-length"]
+    with pytest.raises(ConfigError, match="missing config key 'train.seq-length'"):
+        parse_config(cfg)
+
+
+@pytest.mark.parametrize(("value", "bits"), [(4, 4), (8, 8), ("none", 0), (0, 0), ("4", 4)])
+def test_quantization_accepts_4_8_and_none(value: object, bits: int) -> None:
+    assert parse_config(default_run_config(**{"model.quantization": value})).model.quantization == bits
+
+
+def test_target_modules_and_dataset_override() -> None:
+    cfg = parse_config(
+        default_run_config(
+            **{"model.lora.target-modules": "q_proj, k_proj,v_proj", "static.dataset.name": "x.jsonl"}
+        )
+    )
+    assert cfg.model.lora.target_modules == ("q_proj", "k_proj", "v_proj")
+    assert not cfg.is_leaderboard_dataset
+
+
+def test_cosine_lr_schedule_matches_formula() -> None:
+    lr_max, lr_min, n = 5e-5, 1e-6, 100
+    assert cosine_lr(0, n, lr_max, lr_min) == pytest.approx(lr_max)
+    assert cosine_lr(n, n, lr_max, lr_min) == pytest.approx(lr_min)
+    assert cosine_lr(50, n, lr_max, lr_min) == pytest.approx((lr_max + lr_min) / 2)
+    for rnd in (1, 17, 73):
+        expected = lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * rnd / n))
+        assert cosine_lr(rnd, n, lr_max, lr_min) == pytest.approx(expected)
+    values = [cosine_lr(r, n, lr_max, lr_min) for r in range(n + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert parse_config(default_run_config()).lr(1) == pytest.approx(cosine_lr(1, n, lr_max, lr_min))
+
+
+def test_fingerprint_changes_with_training_settings() -> None:
+    a = parse_config(default_run_config())
+    b = parse_config(default_run_config(**{"model.lora.peft-lora-r": 16}))
+    assert a.fingerprint() == parse_config(default_run_config()).fingerprint()
+    assert a.fingerprint() != b.fingerprint()
