@@ -1,0 +1,73 @@
+"""Bad input stops the run before any model is loaded, naming the key, writing nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from flowertune_llm import server_app
+from flowertune_llm.config import ConfigError, parse_config
+from flowertune_llm.preflight import leaderboard_warnings, preflight
+from tests.conftest import ALPACA_SUBSET, default_run_config, tiny_run_config
+
+
+class NodesOnly:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(self.n))
+
+
+def run_server(run_config: dict, tmp_path: Path) -> None:
+    run_config = {**run_config, "train.output-dir": str(tmp_path / "results")}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server_app.main(NodesOnly(20), context)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"model.quantization": 5}, "model.quantization=5"),
+        ({"num-server-rounds": 0}, "num-server-rounds=0"),
+        ({"strategy.fraction-train": 2.0}, "strategy.fraction-train=2.0"),
+        ({"train.save-every-round": 0}, "train.save-every-round=0"),
+        ({"static.dataset.name": "/no/such/file.jsonl"}, "static.dataset.name='/no/such/file.jsonl'"),
+        ({"model.name": "/no/such/model"}, "model.name='/no/such/model'"),
+    ],
+)
+def test_bad_input_fails_fast_and_writes_nothing(
+    override: dict, message: str, tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        run_server(tiny_run_config(tiny_llama_dir, **override), tmp_path)
+    assert message in str(err.value)
+    assert not (tmp_path / "results").exists()
+
+
+def test_dataset_missing_a_column_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "input": "", "answer": "b"}) + "\n")
+    with pytest.raises(ConfigError, match=r"static.dataset.name=.*missing required column\(s\) \['output'\]"):
+        run_server(tiny_run_config(tiny_llama_dir, **{"static.dataset.name": str(bad)}), tmp_path)
+    assert not (tmp_path / "results").exists()
+
+
+def test_unreachable_hub_model_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = parse_config(
+        default_run_config(**{"model.name": "HuggingFaceTB/no-such-model-xyz", "static.dataset.name": str(ALPACA_SUBSET)})
+    )
+    with pytest.raises(ConfigError, match="model.name='HuggingFaceTB/no-such-model-xyz'"):
+        preflight(cfg, num_nodes=20)
+
+
+def test_leaderboard_rules_are_reported_not_refused(tiny_llama_dir: Path) -> None:
+    cfg = parse_config(tiny_run_config(tiny_llama_dir))
+    reasons = leaderboard_warnings(cfg, num_nodes=2)
+    assert any("static.dataset.name" in r for r in reasons)
+    assert any("2 SuperNodes" in r for r in reasons)
+    assert leaderboard_warnings(parse_config(default_run_config()), num_nodes=20) == []
