@@ -88,9 +88,12 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None, tokeni
                 src, gguf_file=name, quantization_config=GgufConfig(dequantize=True)
             )
             model.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished the same import first: keep theirs
+            if not out.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except GgufError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,3 +101,10 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None, tokeni
         shutil.rmtree(tmp, ignore_errors=True)
         raise GgufError(f"could not import GGUF {gguf_path}: {type(exc).__name__}: {exc}") from exc
     return out
+
+
+def resolve_model_path(name: str) -> str:
+    """A `.gguf` path becomes its imported HF folder (imported once); anything else is unchanged."""
+    if name.lower().endswith(".gguf"):
+        return str(import_gguf(name))
+    return name

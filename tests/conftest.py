@@ -92,3 +92,11 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int =
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
     """A 2-layer random Llama (hidden 64) with the real SmolLM2 tokenizer."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir(smollm2_gguf: Path) -> Path:
+    """Real SmolLM2-135M-Instruct weights (the Q4_1 GGUF, dequantized) as an HF folder."""
+    from flowertune_llm.gguf import import_gguf
+
+    return import_gguf(smollm2_gguf)

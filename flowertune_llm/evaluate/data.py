@@ -1,0 +1,129 @@
+"""MMLU test questions from the hub or local files (Hendrycks CSV or jsonl), by category."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowertune_llm.evaluate.protocol import MMLU_CATEGORIES, SUBJECT_TO_CATEGORY
+
+DEFAULT_DATA = "cais/mmlu"
+LETTERS = ("A", "B", "C", "D")
+
+
+class EvalDataError(ValueError):
+    """The MMLU data cannot be read; the message names the path or id."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One MMLU item in the protocol's terms."""
+
+    subject: str
+    question: str
+    options: tuple[str, str, str, str]
+    answer: str  # "A".."D"
+
+
+def _from_record(rec: dict, where: str) -> Question:
+    try:
+        answer = rec["answer"]
+        if isinstance(answer, int):
+            answer = LETTERS[answer]
+        answer = str(answer).strip().upper()
+        if answer not in LETTERS:
+            raise ValueError(f"answer {answer!r} is not one of A-D")
+        if "choices" in rec:
+            options = tuple(str(c) for c in rec["choices"])
+        else:
+            options = tuple(str(rec[letter]) for letter in LETTERS)
+        if len(options) != 4:
+            raise ValueError(f"{len(options)} options instead of 4")
+        return Question(str(rec["subject"]), str(rec["question"]), options, answer)  # type: ignore[arg-type]
+    except (KeyError, ValueError, IndexError) as exc:
+        raise EvalDataError(f"{where}: bad MMLU record ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_jsonl(path: Path) -> list[Question]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise EvalDataError(f"{path}:{lineno}: not JSON ({exc})") from exc
+                out.append(_from_record(rec, f"{path}:{lineno}"))
+    return out
+
+
+def _read_hendrycks_csv(path: Path) -> list[Question]:
+    subject = path.stem.removesuffix("_test")
+    out = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        for lineno, row in enumerate(csv.reader(fh), 1):
+            if len(row) != 6:
+                raise EvalDataError(f"{path}:{lineno}: expected 6 CSV columns, got {len(row)}")
+            rec = {"subject": subject, "question": row[0], "answer": row[5]}
+            rec.update(zip(LETTERS, row[1:5]))
+            out.append(_from_record(rec, f"{path}:{lineno}"))
+    return out
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    tests = sorted(path.rglob("*test*.jsonl")) or sorted(path.rglob("*_test.csv"))
+    if not tests:
+        raise EvalDataError(f"--data {path}: no '*test*.jsonl' or '<subject>_test.csv' file found")
+    return tests
+
+
+def load_questions(data: str = DEFAULT_DATA) -> list[Question]:
+    """All test questions from a hub id or a local file/folder."""
+    path = Path(data).expanduser()
+    if path.exists():
+        questions: list[Question] = []
+        for file in _local_files(path):
+            reader = _read_hendrycks_csv if file.suffix == ".csv" else _read_jsonl
+            try:
+                questions.extend(reader(file))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EvalDataError(f"--data {file}: unreadable ({exc})") from exc
+        return questions
+    if data.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".csv", ".json"):
+        raise EvalDataError(f"--data {data}: no such file or folder")
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(data, "all", split="test")
+    except Exception as exc:
+        raise EvalDataError(
+            f"--data {data}: cannot load from the hub or cache ({type(exc).__name__}: {exc}); "
+            "pass a local MMLU folder or jsonl file"
+        ) from exc
+    return [_from_record(rec, data) for rec in dataset]
+
+
+def by_category(
+    questions: list[Question], categories: list[str], limit: int | None = None
+) -> dict[str, list[Question]]:
+    """The questions of each requested category, in source order (first `limit` if given)."""
+    unknown = [c for c in categories if c not in MMLU_CATEGORIES]
+    if unknown:
+        raise EvalDataError(
+            f"--category {','.join(unknown)}: unknown; choose from {', '.join(MMLU_CATEGORIES)}"
+        )
+    out: dict[str, list[Question]] = {c: [] for c in categories}
+    for q in questions:
+        cat = SUBJECT_TO_CATEGORY.get(q.subject)
+        if cat in out:
+            out[cat].append(q)
+    for cat, items in out.items():
+        if not items:
+            raise EvalDataError(f"category {cat!r}: no questions in the data")
+        if limit is not None:
+            out[cat] = items[:limit]
+    return out

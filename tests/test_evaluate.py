@@ -1,0 +1,151 @@
+"""The MMLU protocol: prompt, parser, categories, data forms, errors, batching, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowertune_llm.evaluate.cli import main as eval_main
+from flowertune_llm.evaluate.data import EvalDataError, by_category, load_questions
+from flowertune_llm.evaluate.protocol import (
+    MMLU_CATEGORIES,
+    build_prompt,
+    format_mcq,
+    is_correct,
+    parse_prediction,
+)
+from flowertune_llm.evaluate.runner import EvalModelError, check_peft_path, generate, load_model
+from tests.conftest import MMLU_DIR
+
+MMLU_TEST = MMLU_DIR / "mmlu_test.jsonl"
+
+
+def test_prompt_is_the_protocol_string() -> None:
+    assert build_prompt("What is 2+2", ["1", "2", "3", "4"]) == (
+        "<|im_start|>question\n"
+        "Answer the following multiple choice question.\n"
+        "Question: What is 2+2?\n\nOptions:\nA. 1\nB. 2\nC. 3\nD. 4\n"
+        "The answer is:\n"
+        "<|im_end|>\n<|im_start|>answer\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("question", "shown"), [("Why", "Why?"), ("Why?", "Why?"), ("Stop.", "Stop."), ("a b", "a b?")]
+)
+def test_question_mark_rule(question: str, shown: str) -> None:
+    assert format_mcq(question, ["w", "x", "y", "z"]).startswith(f"Question: {shown}\n\nOptions:\n")
+
+
+@pytest.mark.parametrize(
+    ("output", "gold", "prediction", "correct"),
+    [
+        ("Answer", "A", "a", True),  # first letter of the cleaned text
+        ("B", "B", "b", True),
+        ("b", "B", "b", True),
+        (" (C) ", "C", "c", True),
+        ("\n", "A", "\n", False),  # nothing left: raw output compared with gold
+        ("", "A", "", False),  # "<|im_end|>" decoded with skip_special_tokens
+        ("The", "A", "the", False),  # 't' is no option letter: raw output, wrong
+        ("x\n## C\nmore", "C", "c", True),  # text after "\n##" up to the next newline
+        ("\n##D", "D", "d", True),
+        ("é b", "B", "b", True),  # non-ASCII dropped
+        ("yes", "A", "yes", False),
+        ("e", "E", "e", True),
+    ],
+)
+def test_answer_parser_branches(output: str, gold: str, prediction: str, correct: bool) -> None:
+    assert parse_prediction(output) == prediction
+    assert is_correct(output, gold) is correct
+
+
+def test_protocol_categories_match_the_offline_mmlu_counts() -> None:
+    questions = load_questions(str(MMLU_TEST))
+    assert len(questions) == 14042
+    grouped = by_category(questions, list(MMLU_CATEGORIES))
+    counts = {c: len(v) for c, v in grouped.items()}
+    assert counts == {"stem": 3153, "social_sciences": 3077, "humanities": 4705, "other": 3107}
+    subjects = [s for subs in MMLU_CATEGORIES.values() for s in subs]
+    assert len(subjects) == len(set(subjects)) == 57
+    assert set(subjects) == {q.subject for q in questions}
+    assert [len(MMLU_CATEGORIES[c]) for c in ("stem", "social_sciences", "humanities")] == [19, 12, 13]
+
+
+def test_local_forms_jsonl_folder_and_hendrycks_csv(tmp_path: Path) -> None:
+    assert len(load_questions(str(MMLU_DIR))) == 14042  # folder: picks *test*.jsonl
+    csv_dir = tmp_path / "data" / "test"
+    csv_dir.mkdir(parents=True)
+    (csv_dir / "anatomy_test.csv").write_text('"What is it",a,b,c,d,C\nSecond one.,e,f,g,h,A\n')
+    qs = load_questions(str(tmp_path / "data"))
+    assert [(q.subject, q.answer, q.options[2]) for q in qs] == [("anatomy", "C", "c"), ("anatomy", "A", "g")]
+    assert len(by_category(qs, ["stem"])["stem"]) == 2
+
+
+def test_bad_data_and_categories_are_named(tmp_path: Path) -> None:
+    with pytest.raises(EvalDataError, match="--category astronomy: unknown"):
+        by_category(load_questions(str(MMLU_TEST)), ["stem", "astronomy"])
+    bad = tmp_path / "bad_test.jsonl"
+    bad.write_text('{"subject": "anatomy", "question": "q"\n')
+    with pytest.raises(EvalDataError, match=r"bad_test.jsonl:1: not JSON"):
+        load_questions(str(bad))
+    with pytest.raises(EvalDataError, match="no such file"):
+        load_questions(str(tmp_path / "missing.jsonl"))
+    incomplete = tmp_path / "inc_test.jsonl"
+    incomplete.write_text(json.dumps({"subject": "anatomy", "question": "q", "A": "1", "answer": "A"}) + "\n")
+    with pytest.raises(EvalDataError, match="inc_test.jsonl:1: bad MMLU record"):
+        load_questions(str(incomplete))
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/other-model"}))
+    with pytest.raises(EvalModelError, match="trained on base model 'org/other-model'"):
+        check_peft_path(str(tmp_path), "HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(EvalModelError, match="no adapter_config.json"):
+        check_peft_path(str(tmp_path / "nope"), "x")
+    check_peft_path(str(tmp_path), "/models/other-model")  # a local copy of the same model is fine
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(smollm2_model_dir: Path) -> None:
+    questions = by_category(load_questions(str(MMLU_TEST)), ["stem", "humanities"], limit=12)
+    prompts = [build_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
+    model, tok = load_model(str(smollm2_model_dir), None, 4, "cpu")
+    alone = [generate(model, tok, [p], 1, 1)[0] for p in prompts]
+    batched = generate(model, tok, prompts, 1, 8)
+    assert batched == alone
+    assert len(set(alone)) > 1  # a real model, not a constant
+
+
+def test_cli_writes_leaderboard_files_and_scores_an_adapter(
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowertune_llm.checkpoint import save_adapter
+    from flowertune_llm.config import parse_config
+    from flowertune_llm.models import initial_adapter
+    from tests.conftest import tiny_run_config
+
+    state, peft_config = initial_adapter(parse_config(tiny_run_config(tiny_llama_dir)).model, 0)
+    save_adapter(tmp_path / "peft_1", state, peft_config, {})
+    out = tmp_path / "out"
+    code = eval_main([
+        "--base-model-name-path", str(tiny_llama_dir), "--peft-path", str(tmp_path / "peft_1"),
+        "--data", str(MMLU_TEST), "--limit", "3", "--batch-size", "2", "--run-name", "t",
+        "--output-dir", str(out), "--no-progress", "--device", "cpu",
+    ])
+    assert code == 0
+    for cat in ("stem", "social_sciences", "humanities"):
+        assert (out / f"acc_mmlu_{cat}_t.txt").read_text().startswith("Accuracy: ")
+        lines = (out / f"generation_mmlu_{cat}_t.jsonl").read_text().splitlines()
+        assert len(lines) == 3 and {"prompt", "gold", "output", "correct"} <= set(json.loads(lines[0]))
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["questions"] == 9 and summary["average"] is not None
+    assert json.loads(capsys.readouterr().out)["questions"] == 9
+
+
+def test_cli_bad_category_fails_before_loading_a_model(tmp_path: Path, capsys) -> None:
+    code = eval_main(["--category", "stem,nope", "--data", str(MMLU_TEST), "--output-dir", str(tmp_path / "o"),
+                      "--base-model-name-path", "/no/such/model"])
+    assert code == 2
+    assert "--category nope: unknown" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

