@@ -9,6 +9,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from flowertune_llm.config import ConfigError
+from flowertune_llm.hub import require_hub_or_cache
 
 REQUIRED_COLUMNS = ("instruction", "input", "output")
 DATASET_KEY = "static.dataset.name"
@@ -113,7 +114,10 @@ def validate_dataset(name: str) -> int:
     """Load the train split once, check its columns; return its row count."""
     from datasets import load_dataset
 
-    kwargs = resolve_source(name).load_kwargs()
+    source = resolve_source(name)
+    if not source.is_local:
+        require_hub_or_cache(DATASET_KEY, name, "dataset")
+    kwargs = source.load_kwargs()
     path = kwargs.pop("dataset")
     try:
         dataset = load_dataset(path, split="train", **kwargs)

@@ -18,6 +18,8 @@ from peft import (
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from flowertune_llm.config import ConfigError, LoraSettings, ModelSettings
+from flowertune_llm.gguf import resolve_model_path
+from flowertune_llm.hub import require_hub_or_cache
 
 AdapterState = dict[str, torch.Tensor]
 MODEL_KEY = "model.name"
@@ -45,20 +47,25 @@ def quantization_config(bits: int, device: str) -> BitsAndBytesConfig | None:
 
 
 def check_model_source(name: str) -> None:
-    """Fail fast, naming `model.name`, when the model's config cannot be found."""
+    """Fail fast, naming `model.name`, when the model cannot be found (GGUF, folder or hub)."""
+    from flowertune_llm.gguf import GgufError, check_gguf_file
+
     local = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        try:
+            check_gguf_file(local)
+        except GgufError as exc:
+            raise ConfigError(f"{MODEL_KEY}={name!r}: {exc}") from exc
+        return
     if name.startswith((".", "/", "~")) or local.exists():
         if not (local / "config.json").is_file():
             raise ConfigError(f"{MODEL_KEY}={name!r}: no HF model folder (config.json) at {local}")
         return
+    require_hub_or_cache(MODEL_KEY, name)
     try:
         AutoConfig.from_pretrained(name)
-    except Exception as exc:  # hub unreachable / unknown id / gated
-        raise ConfigError(
-            f"{MODEL_KEY}={name!r}: cannot load the model config from the hub or the local "
-            f"cache ({type(exc).__name__}: {exc}). Use a local model folder, or set "
-            "HF_HUB_OFFLINE=1 with a warm cache."
-        ) from exc
+    except Exception as exc:  # unknown id, gated repo, broken cache
+        raise ConfigError(f"{MODEL_KEY}={name!r}: cannot load its config ({type(exc).__name__}: {exc})") from exc
 
 
 def lora_config(lora: LoraSettings) -> LoraConfig:
@@ -78,7 +85,7 @@ def load_base_model(settings: ModelSettings, device: str) -> PreTrainedModel:
     """Load the (quantized) base model on one device."""
     quant = quantization_config(settings.quantization, device)
     model = AutoModelForCausalLM.from_pretrained(
-        settings.name,
+        resolve_model_path(settings.name),
         quantization_config=quant,
         dtype=compute_dtype(device),
         device_map={"": device},

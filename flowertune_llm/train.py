@@ -13,6 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 from flowertune_llm.config import Config
 from flowertune_llm.dataset import load_partition
+from flowertune_llm.gguf import resolve_model_path
 from flowertune_llm.models import (
     AdapterState,
     adapter_state,
@@ -34,7 +35,7 @@ class RoundResult:
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (pad = eos when the model has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -56,13 +56,37 @@ def test_dataset_missing_a_column_is_refused(tmp_path: Path, tiny_llama_dir: Pat
     assert not (tmp_path / "results").exists()
 
 
-def test_unreachable_hub_model_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_mode_without_cache_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = parse_config(
         default_run_config(**{"model.name": "HuggingFaceTB/no-such-model-xyz", "static.dataset.name": str(ALPACA_SUBSET)})
     )
-    with pytest.raises(ConfigError, match="model.name='HuggingFaceTB/no-such-model-xyz'"):
+    with pytest.raises(ConfigError, match="model.name='HuggingFaceTB/no-such-model-xyz': HF_HUB_OFFLINE is set"):
         preflight(cfg, num_nodes=20)
+
+
+@pytest.mark.parametrize("key", ["model.name", "static.dataset.name"])
+def test_unreachable_hub_stops_within_seconds(
+    key: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    import time
+
+    from flowertune_llm.hub import hub_reachable
+    from tests.processes import free_port
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    hub_reachable.cache_clear()
+    overrides = {key: "someorg/not-cached"}
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=f"{key}='someorg/not-cached': the Hugging Face hub cannot be reached"):
+        preflight(parse_config(tiny_run_config(tiny_llama_dir, **overrides)), num_nodes=20)
+    assert time.monotonic() - start < 10
+    hub_reachable.cache_clear()
 
 
 def test_leaderboard_rules_are_reported_not_refused(tiny_llama_dir: Path) -> None:

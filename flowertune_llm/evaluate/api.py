@@ -8,6 +8,7 @@ from flowertune_llm.evaluate.data import DEFAULT_DATA, by_category, load_questio
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.evaluate.runner import EvalResult, evaluate_questions, load_model, write_outputs
 from flowertune_llm.gguf import resolve_model_path
+from flowertune_llm.hub import require_hub_or_cache
 from flowertune_llm.models import default_device
 
 
@@ -26,6 +27,8 @@ def evaluate_mmlu(
 ) -> EvalResult:
     """Score a base model (+ adapter) on MMLU categories; write the leaderboard files if asked."""
     questions = by_category(load_questions(data), list(categories), limit)  # cheap checks first
+    if not Path(base_model).expanduser().exists():
+        require_hub_or_cache("--base-model-name-path", base_model)
     device = device or default_device()
     model_path = resolve_model_path(base_model)
     model, tokenizer = load_model(model_path, peft_path, quantization, device)

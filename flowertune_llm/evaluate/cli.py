@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from flowertune_llm.config import ConfigError
 from flowertune_llm.evaluate.api import evaluate_mmlu
 from flowertune_llm.evaluate.data import DEFAULT_DATA, EvalDataError
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             run_name=args.run_name,
             show_progress=not args.no_progress,
         )
-    except (EvalDataError, EvalModelError, GgufError) as exc:
+    except (ConfigError, EvalDataError, EvalModelError, GgufError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.summary(), indent=2))

@@ -97,6 +97,9 @@ def load_questions(data: str = DEFAULT_DATA) -> list[Question]:
         raise EvalDataError(f"--data {data}: no such file or folder")
     from datasets import load_dataset
 
+    from flowertune_llm.hub import require_hub_or_cache
+
+    require_hub_or_cache("--data", data, "dataset")
     try:
         dataset = load_dataset(data, "all", split="test")
     except Exception as exc:

