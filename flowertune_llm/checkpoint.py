@@ -1,11 +1,13 @@
-"""PEFT adapter folders written atomically, without loading a model."""
+"""PEFT adapter folders written atomically without loading a model, and resuming from them."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
@@ -14,11 +16,22 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from flowertune_llm.config import Config, ConfigError
 from flowertune_llm.models import AdapterState, arrays_to_state
 
 METADATA_FILE = "flowertune_state.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", METADATA_FILE)
+_CHECKPOINT_NAME = re.compile(r"^peft_(\d+)$")
+#: Config fields that may change on resume (they do not change what is trained).
+RESUME_MAY_CHANGE = {
+    "train.output_dir",
+    "train.resume_from",
+    "train.save_every_round",
+    "strategy.fraction_evaluate",
+    "comm.tensorboard",
+}
 
 
 def checkpoint_rounds(num_rounds: int, every: int) -> list[int]:
@@ -30,7 +43,7 @@ def checkpoint_rounds(num_rounds: int, every: int) -> list[int]:
 
 
 def new_run_dir(output_dir: str | Path) -> Path:
-    """`<output_dir>/<timestamp>` (not created yet: nothing is written before a checkpoint)."""
+    """`<output_dir>/<timestamp>` (not created yet: nothing is written before the run starts)."""
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     path = Path(output_dir).expanduser().resolve() / stamp
     suffix = 1
@@ -60,8 +73,81 @@ def save_adapter(
     return folder
 
 
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder with all its files (a temp folder from a crash never is)."""
+    return bool(_CHECKPOINT_NAME.match(folder.name)) and all((folder / f).is_file() for f in ADAPTER_FILES)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete `peft_<N>` with the highest N in a run folder, if any."""
+    done = [p for p in Path(run_dir).iterdir() if p.is_dir() and is_complete(p)]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Everything a resumed run continues from."""
+
+    run_dir: Path
+    round: int
+    state: AdapterState
+    peft_config: LoraConfig
+    comm_total_bytes: dict[str, int]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """'key: saved -> now' for every training-relevant difference."""
+    now = _flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    before = _flat(saved)
+    keys = sorted((set(now) | set(before)) - RESUME_MAY_CHANGE)
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+
+
+def load_resume(cfg: Config) -> Resume:
+    """Find and check the checkpoint named by `train.resume-from`; refuse incompatible configs."""
+    key, given = "train.resume-from", cfg.train.resume_from
+    path = Path(given).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{key}={given!r}: no such folder")
+    if not _CHECKPOINT_NAME.match(path.name):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ConfigError(f"{key}={given!r}: no complete peft_<N> checkpoint in {path}")
+        path = found
+    elif not is_complete(path):
+        raise ConfigError(f"{key}={given!r}: incomplete checkpoint (missing {ADAPTER_FILES})")
+    meta = json.loads((path / METADATA_FILE).read_text())
+    diffs = config_differences(meta.get("config", {}), cfg)
+    if diffs:
+        raise ConfigError(
+            f"{key}={given!r}: the checkpoint was trained with a different config; "
+            "resuming would not continue the same run. Differences (checkpoint -> now): "
+            + "; ".join(diffs)
+        )
+    done = int(meta["round"])
+    if done >= cfg.num_server_rounds:
+        raise ConfigError(f"{key}={given!r}: round {done} is already the last round")
+    return Resume(
+        run_dir=path.parent,
+        round=done,
+        state=load_file(str(path / "adapter_model.safetensors")),
+        peft_config=LoraConfig.from_pretrained(str(path)),
+        comm_total_bytes=meta["comm_total_bytes"],
+    )
+
+
 class Checkpointer:
-    """Strategy `evaluate_fn`: saves the global adapter after the scheduled rounds."""
+    """Saves the global adapter after the scheduled rounds, with what resume needs."""
 
     def __init__(
         self,
@@ -76,10 +162,12 @@ class Checkpointer:
         self.metadata = metadata
         self.saved: list[Path] = []
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
-        """Save `peft_<round>` when the round is due; never evaluates (returns no metrics)."""
-        if server_round in self.rounds:
-            folder = self.run_dir / f"peft_{server_round}"
-            save_adapter(folder, arrays_to_state(arrays), self.peft_config, self.metadata(server_round))
-            self.saved.append(folder)
-            log(INFO, "Saved global adapter of round %d to %s", server_round, folder)
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> bool:
+        """Save `peft_<round>` when the round is due; True if it saved."""
+        if server_round not in self.rounds:
+            return False
+        folder = self.run_dir / f"peft_{server_round}"
+        save_adapter(folder, arrays_to_state(arrays), self.peft_config, self.metadata(server_round))
+        self.saved.append(folder)
+        log(INFO, "Saved global adapter of round %d to %s", server_round, folder)
+        return True

@@ -33,8 +33,8 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(msg.content["config"]["lr"]),
     )
     metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
-    content = RecordDict({"arrays": state_to_arrays(result.state), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    arrays = state_to_arrays(result.state, cfg.comm.dtype)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -42,8 +42,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Completion loss of the global adapter on a slice of this node's partition."""
     cfg = parse_config(context.run_config)
     partition_id, num_partitions = _partition(context)
-    loss, n = evaluate_adapter(
-        cfg, arrays_to_state(msg.content["arrays"]), partition_id, num_partitions
-    )
+    loss, n = evaluate_adapter(cfg, arrays_to_state(msg.content["arrays"]), partition_id, num_partitions)
     metrics = MetricRecord({"eval_loss": loss, "num-examples": n})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition id (for reproducible, resumable sampling)."""
+    partition_id, num_partitions = _partition(context)
+    record = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(content=RecordDict({"partition": record}), reply_to=msg)

@@ -66,7 +66,16 @@ class TrainSettings:
     seq_length: int
     seed: int
     output_dir: str
+    resume_from: str  # "" = fresh run; else a peft_<N> folder or a run folder
     training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
+
+
+@dataclass(frozen=True)
+class CommSettings:
+    """How adapters travel and how the run is logged."""
+
+    dtype: str  # "float32" (reference figures) or "bf16" (half the bytes)
+    tensorboard: bool
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ class Config:
     model: ModelSettings
     train: TrainSettings
     strategy: StrategySettings
+    comm: CommSettings
 
     @property
     def is_leaderboard_dataset(self) -> bool:
@@ -169,6 +179,13 @@ def _fraction(cfg: Mapping[str, Any], key: str, allow_zero: bool) -> float:
     return value
 
 
+def _choice(cfg: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = _require(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def _quantization(cfg: Mapping[str, Any]) -> int:
     value = _require(cfg, "model.quantization")
     text = str(value).strip().lower()
@@ -217,6 +234,7 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
         seq_length=_as_int(run_config, "train.seq-length", minimum=8),
         seed=_as_int(run_config, "train.seed", minimum=0),
         output_dir=_as_str(run_config, "train.output-dir"),
+        resume_from=_as_str(run_config, "train.resume-from", allow_empty=True),
         training_arguments=_training_arguments(run_config),
     )
     if not 0.0 <= train.learning_rate_min <= train.learning_rate_max:
@@ -237,5 +255,9 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
         strategy=StrategySettings(
             fraction_train=_fraction(run_config, "strategy.fraction-train", allow_zero=False),
             fraction_evaluate=_fraction(run_config, "strategy.fraction-evaluate", allow_zero=True),
+        ),
+        comm=CommSettings(
+            dtype=_choice(run_config, "comm.dtype", ("float32", "bf16")),
+            tensorboard=_as_bool(run_config, "metrics.tensorboard"),
         ),
     )

@@ -126,16 +126,25 @@ def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
     set_peft_model_state_dict(model, state)
 
 
-def state_to_arrays(state: AdapterState) -> ArrayRecord:
-    """Adapter tensors -> Flower ArrayRecord of float32 numpy arrays (order preserved)."""
-    return ArrayRecord(
-        {k: Array(np.ascontiguousarray(v.numpy(), dtype=np.float32)) for k, v in state.items()}
-    )
+def state_to_arrays(state: AdapterState, wire_dtype: str = "float32") -> ArrayRecord:
+    """Adapter tensors -> ArrayRecord: float32, or bf16 bit patterns carried as uint16."""
+    if wire_dtype == "bf16":  # Flower cannot carry bf16: send its 16 bits as uint16
+        arrays = {k: v.to(torch.bfloat16).view(torch.uint16).numpy() for k, v in state.items()}
+    else:
+        arrays = {k: v.to(torch.float32).numpy() for k, v in state.items()}
+    return ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in arrays.items()})
 
 
 def arrays_to_state(arrays: ArrayRecord) -> AdapterState:
-    """Flower ArrayRecord -> adapter tensors (float32, CPU)."""
-    return {k: torch.from_numpy(np.array(a.numpy(), dtype=np.float32)) for k, a in arrays.items()}
+    """ArrayRecord (float32 or bf16-as-uint16) -> float32 CPU tensors."""
+    state = {}
+    for k, a in arrays.items():
+        array = a.numpy()
+        if array.dtype == np.uint16:
+            state[k] = torch.from_numpy(array.copy()).view(torch.bfloat16).to(torch.float32)
+        else:
+            state[k] = torch.from_numpy(np.array(array, dtype=np.float32))
+    return state
 
 
 def initial_adapter(settings: ModelSettings, seed: int) -> tuple[AdapterState, LoraConfig]:

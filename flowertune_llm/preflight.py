@@ -8,6 +8,7 @@ from flwr.common.logger import log
 
 from flowertune_llm.config import LEADERBOARD_DATASETS, LEADERBOARD_NUM_SUPERNODES, Config
 from flowertune_llm.dataset import validate_dataset
+from flowertune_llm.metrics import check_tensorboard
 from flowertune_llm.models import check_model_source
 
 
@@ -28,6 +29,7 @@ def leaderboard_warnings(cfg: Config, num_nodes: int) -> list[str]:
 
 def preflight(cfg: Config, num_nodes: int) -> None:
     """Validate dataset and model sources and log leaderboard eligibility; raise ConfigError."""
+    check_tensorboard(cfg)
     rows = validate_dataset(cfg.dataset_name)
     check_model_source(cfg.model.name)
     log(INFO, "Dataset %s: %d rows; model %s", cfg.dataset_name, rows, cfg.model.name)

@@ -1,61 +1,84 @@
-"""ServerApp: config -> preflight -> initial adapter -> FedAvg.start(...) -> checkpoints."""
+"""ServerApp: config -> preflight -> initial (or resumed) adapter -> FedAvg.start -> checkpoints."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from logging import INFO
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from flowertune_llm.checkpoint import Checkpointer, checkpoint_rounds, new_run_dir
+from flowertune_llm.checkpoint import Checkpointer, checkpoint_rounds, load_resume, new_run_dir
 from flowertune_llm.config import parse_config
+from flowertune_llm.metrics import RunLog
 from flowertune_llm.models import initial_adapter, state_to_arrays
 from flowertune_llm.preflight import preflight
-from flowertune_llm.strategy import FlowerTuneFedAvg
+from flowertune_llm.strategy import CommStats, FlowerTuneFedAvg, discover_partitions
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `num-server-rounds` of federated SFT and save PEFT checkpoints."""
+    """Run (or resume) federated SFT for `num-server-rounds` and save PEFT checkpoints."""
     cfg = parse_config(context.run_config)
+    resume = load_resume(cfg) if cfg.train.resume_from else None
     preflight(cfg, num_nodes=len(list(grid.get_node_ids())))
 
-    state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
+    if resume is None:
+        state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
+        run_dir, done, comm = new_run_dir(cfg.train.output_dir), 0, CommStats()
+    else:
+        state, peft_config, run_dir, done = resume.state, resume.peft_config, resume.run_dir, resume.round
+        comm = CommStats(**resume.comm_total_bytes)
+        log(INFO, "Resuming %s after round %d", run_dir, done)
     strategy = FlowerTuneFedAvg(
         lr_schedule=cfg.lr,
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
+        seed=cfg.train.seed,
+        partitions=discover_partitions(grid),
+        round_offset=done,
+        comm=comm,
+        wire_dtype=cfg.comm.dtype,
     )
-    run_dir = new_run_dir(cfg.train.output_dir)
+    run_log = RunLog(run_dir, cfg, last_round=done)
     checkpointer = Checkpointer(
         run_dir,
         peft_config,
         checkpoint_rounds(cfg.num_server_rounds, cfg.train.save_every_round),
         metadata=lambda rnd: {
             "round": rnd,
-            "num_server_rounds": cfg.num_server_rounds,
+            "seed": cfg.train.seed,
             "config_fingerprint": cfg.fingerprint(),
+            "comm_total_bytes": asdict(strategy.comm),
             "comm_total_mb": strategy.comm.total_payload_mb,
-            "comm_total_with_keys_mb": strategy.comm.total_with_keys_mb,
             "config": cfg.to_dict(),
         },
     )
-    log(INFO, "Checkpoints will be written to %s", run_dir)
+
+    def on_round_end(server_round: int, arrays: ArrayRecord) -> None:
+        """Strategy.start's evaluate_fn: log the round's metrics, checkpoint when due."""
+        if server_round > 0:
+            run_log.append(strategy.rounds[server_round + done])
+            if checkpointer(server_round + done, arrays):
+                run_log.plot()
+
+    log(INFO, "Run folder: %s", run_dir)
     strategy.start(
         grid=grid,
         initial_arrays=state_to_arrays(state),
-        num_rounds=cfg.num_server_rounds,
+        num_rounds=cfg.num_server_rounds - done,
         train_config=ConfigRecord(),
-        evaluate_fn=checkpointer,
+        evaluate_fn=on_round_end,
     )
+    run_log.close()
     log(
         INFO,
-        "Done: %d rounds, communication %.2f MB (%.2f MB with keys); checkpoints: %s",
+        "Done: %d rounds, communication %.2f MB (%.2f MB with keys); checkpoints in %s",
         cfg.num_server_rounds,
         strategy.comm.total_payload_mb,
         strategy.comm.total_with_keys_mb,
-        ", ".join(str(p) for p in checkpointer.saved),
+        run_dir,
     )

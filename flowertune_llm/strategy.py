@@ -1,15 +1,20 @@
-"""FedAvg over adapter tensors, with per-round LR, communication tracking and loss logging."""
+"""FedAvg over adapter tensors: per-round LR, seeded sampling, communication and loss tracking."""
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from dataclasses import asdict, dataclass, field
+from logging import WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from flowertune_llm.models import arrays_to_state, state_to_arrays
 
 MB = 1024**2  # as Flower's communication tracker counts
 #: The FlowerTune leaderboard's communication budget for a whole run, in MB.
@@ -58,15 +63,39 @@ class CommStats:
 
 @dataclass
 class RoundLog:
-    """What the server learned in one round."""
+    """What the server learned in one round (one line of metrics.jsonl)."""
 
     server_round: int
     lr: float
+    sampled_partitions: list[int | None] = field(default_factory=list)
     replies: int = 0
     failures: int = 0
     train_loss: float | None = None
+    client_losses: list[dict] = field(default_factory=list)
     comm_round: CommStats = field(default_factory=CommStats)
     comm_total: CommStats = field(default_factory=CommStats)
+    started: float = field(default_factory=time.monotonic, repr=False)
+    wall_time_s: float = 0.0
+
+    def to_record(self) -> dict:
+        """The JSON line: MB figures instead of raw byte counters."""
+        rec = {k: v for k, v in asdict(self).items() if k not in ("comm_round", "comm_total", "started")}
+        rec["mb_sent"] = self.comm_round.sent_payload / MB
+        rec["mb_received"] = self.comm_round.received_payload / MB
+        rec["mb_round"] = self.comm_round.total_payload_mb
+        rec["mb_round_with_keys"] = self.comm_round.total_with_keys_mb
+        rec["mb_total"] = self.comm_total.total_payload_mb
+        rec["mb_total_with_keys"] = self.comm_total.total_with_keys_mb
+        rec["comm_total_bytes"] = asdict(self.comm_total)
+        return rec
+
+
+def sample_round(
+    node_ids: list[int], partitions: dict[int, int], k: int, seed: int, server_round: int
+) -> list[int]:
+    """Seeded sample of k nodes, reproducible across restarts (ordered by partition id)."""
+    ordered = sorted(node_ids, key=lambda n: (partitions.get(n, 1 << 62), n))
+    return random.Random(f"{seed}:{server_round}").sample(ordered, k)
 
 
 class FlowerTuneFedAvg(FedAvg):
@@ -77,64 +106,73 @@ class FlowerTuneFedAvg(FedAvg):
         lr_schedule: Callable[[int], float],
         fraction_train: float,
         fraction_evaluate: float,
+        seed: int = 0,
+        partitions: dict[int, int] | None = None,
+        round_offset: int = 0,
+        comm: CommStats | None = None,
+        wire_dtype: str = "float32",
         comm_budget_mb: float = COMM_BUDGET_MB,
     ) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate)
         self.lr_schedule = lr_schedule
+        self.seed = seed
+        self.partitions = partitions or {}
+        self.round_offset = round_offset
+        self.comm = comm or CommStats()
+        self.wire_dtype = wire_dtype
         self.comm_budget_mb = comm_budget_mb
-        self.comm = CommStats()
         self.rounds: dict[int, RoundLog] = {}
-        self._budget_warned = False
+        self._budget_warned = self.comm.total_with_keys_mb > comm_budget_mb
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients, attach this round's LR, and count the bytes sent."""
-        lr = self.lr_schedule(server_round)
+        """Seeded sampling, this round's LR, arrays in the wire dtype; count the bytes sent."""
+        rnd = server_round + self.round_offset
+        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
+        node_ids = sample_round(all_nodes, self.partitions, sample_size, self.seed, rnd)
+        lr = self.lr_schedule(rnd)
         config["lr"] = lr
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        round_log = RoundLog(server_round=server_round, lr=lr)
-        round_log.comm_round.add_sent(arrays, copies=len(messages))
-        self.comm.add_sent(arrays, copies=len(messages))
-        self.rounds[server_round] = round_log
+        config["server-round"] = rnd
+        wire = state_to_arrays(arrays_to_state(arrays), self.wire_dtype)
+        record = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
+        round_log = RoundLog(rnd, lr, [self.partitions.get(n) for n in node_ids])
+        round_log.comm_round.add_sent(wire, copies=len(messages))
+        self.comm.add_sent(wire, copies=len(messages))
+        self.rounds[rnd] = round_log
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted FedAvg of the replies; log loss and communication for the round."""
+        """Decode replies to float32, weighted FedAvg, and record the round."""
         replies = list(replies)
-        round_log = self.rounds[server_round]
+        round_log = self.rounds[server_round + self.round_offset]
         for msg in replies:
-            if not msg.has_error() and self.arrayrecord_key in msg.content.array_records:
-                arrays = msg.content.array_records[self.arrayrecord_key]
-                round_log.comm_round.add_received(arrays)
-                self.comm.add_received(arrays)
+            if msg.has_error() or self.arrayrecord_key not in msg.content.array_records:
+                continue
+            wire = msg.content.array_records[self.arrayrecord_key]
+            round_log.comm_round.add_received(wire)
+            self.comm.add_received(wire)
+            msg.content[self.arrayrecord_key] = state_to_arrays(arrays_to_state(wire))
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            round_log.client_losses.append(
+                {
+                    "node": msg.metadata.src_node_id,
+                    "partition": self.partitions.get(msg.metadata.src_node_id),
+                    "loss": float(metrics.get("train_loss", float("nan"))),
+                    "examples": int(metrics.get(self.weighted_by_key, 0)),
+                }
+            )
         round_log.replies = sum(not m.has_error() for m in replies)
         round_log.failures = len(replies) - round_log.replies
-        round_log.comm_total = CommStats(**vars(self.comm))
+        round_log.comm_total = CommStats(**asdict(self.comm))
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None and "train_loss" in metrics:
             round_log.train_loss = float(metrics["train_loss"])
-        self._log_round(round_log)
-        return arrays, metrics
-
-    def _log_round(self, r: RoundLog) -> None:
-        loss = "n/a" if r.train_loss is None else f"{r.train_loss:.4f}"
-        log(
-            INFO,
-            "[round %d] lr=%.3g clients=%d failed=%d train_loss=%s | comm this round "
-            "%.2f MB (%.2f MB with keys), cumulative %.2f MB (%.2f MB with keys)",
-            r.server_round,
-            r.lr,
-            r.replies,
-            r.failures,
-            loss,
-            r.comm_round.total_payload_mb,
-            r.comm_round.total_with_keys_mb,
-            r.comm_total.total_payload_mb,
-            r.comm_total.total_with_keys_mb,
-        )
+        round_log.wall_time_s = time.monotonic() - round_log.started
         if not self._budget_warned and self.comm.total_with_keys_mb > self.comm_budget_mb:
             self._budget_warned = True
             log(
@@ -143,3 +181,17 @@ class FlowerTuneFedAvg(FedAvg):
                 self.comm.total_with_keys_mb,
                 self.comm_budget_mb,
             )
+        return arrays, metrics
+
+
+def discover_partitions(grid: Grid, timeout: float = 120.0) -> dict[int, int]:
+    """Ask every connected node for its partition id (a tiny QUERY message each)."""
+    messages = [
+        Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node_id)
+        for node_id in grid.get_node_ids()
+    ]
+    partitions = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if not reply.has_error() and "partition" in reply.content.metric_records:
+            partitions[reply.metadata.src_node_id] = int(reply.content["partition"]["partition-id"])
+    return partitions

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from flowertune_llm.config import Config
+from flowertune_llm.config import Config, ModelSettings
 from flowertune_llm.dataset import load_partition
 from flowertune_llm.gguf import resolve_model_path
 from flowertune_llm.models import (
@@ -61,6 +62,54 @@ def sft_config(cfg: Config, lr: float, output_dir: str, device: str) -> SFTConfi
     return SFTConfig(**args)
 
 
+class ModelCache:
+    """The process's quantized base model + adapter, rebuilt only when what defines it changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._model: PeftModel | None = None
+
+    def get(self, settings: ModelSettings, device: str, seed: int) -> PeftModel:
+        """The cached model for (model settings, device), building it on first use."""
+        key = (settings, device)
+        if key != self._key:
+            self._model = None  # free the old one before loading another
+            self._model = build_peft_model(settings, device, seed)
+            self._key = key
+        assert self._model is not None
+        return self._model
+
+
+class TokenizedCache:
+    """Tokenized partitions (TRL's processed datasets), keyed by everything that shapes them."""
+
+    def __init__(self) -> None:
+        self._data: dict[tuple, Dataset] = {}
+
+    def get(self, key: tuple) -> Dataset | None:
+        """The processed dataset for `key`, if seen."""
+        return self._data.get(key)
+
+    def put(self, key: tuple, dataset: Dataset) -> None:
+        """Remember a processed dataset."""
+        self._data[key] = dataset
+
+
+#: One of each per process: a simulation actor or a SuperNode's ClientApp process.
+MODELS = ModelCache()
+TOKENIZED = TokenizedCache()
+
+
+def reset_adapter(model: PeftModel, state: AdapterState) -> None:
+    """Give a (possibly reused) model exactly the state a fresh one would have, plus `state`."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = None
+            if param.dtype != torch.float32:  # TRL cast it to bf16 last round
+                param.data = param.data.to(torch.float32)
+    set_adapter_state(model, state)
+
+
 def make_trainer(
     cfg: Config,
     global_state: AdapterState,
@@ -68,11 +117,16 @@ def make_trainer(
     lr: float,
     output_dir: str,
     eval_dataset: Dataset | None = None,
+    models: ModelCache | None = None,
 ) -> SFTTrainer:
-    """A fresh model with the global adapter loaded and a fresh SFTTrainer around it."""
+    """The global adapter on the (cached) model and a fresh SFTTrainer (new optimizer) around it."""
     device = default_device()
-    model = build_peft_model(cfg.model, device, cfg.train.seed)
-    set_adapter_state(model, global_state)
+    if models is None:
+        model = build_peft_model(cfg.model, device, cfg.train.seed)
+        set_adapter_state(model, global_state)
+    else:
+        model = models.get(cfg.model, device, cfg.train.seed)
+        reset_adapter(model, global_state)
     return SFTTrainer(
         model=model,
         args=sft_config(cfg, lr, output_dir, device),
@@ -83,12 +137,26 @@ def make_trainer(
 
 
 def train_one_round(
-    cfg: Config, global_state: AdapterState, partition_id: int, num_partitions: int, lr: float
+    cfg: Config,
+    global_state: AdapterState,
+    partition_id: int,
+    num_partitions: int,
+    lr: float,
+    models: ModelCache | None = MODELS,
+    tokenized: TokenizedCache | None = TOKENIZED,
 ) -> RoundResult:
-    """Train the global adapter on one partition for one round; return the local adapter."""
-    dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed)
+    """Train the global adapter on one partition for one round; return the local adapter.
+
+    `models=None` / `tokenized=None` rebuild the model / re-tokenize (the reference behaviour).
+    """
+    key = (cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.model.name, cfg.train.seq_length)
+    dataset = tokenized.get(key) if tokenized is not None else None
+    if dataset is None:
+        dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed)
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as tmp:
-        trainer = make_trainer(cfg, global_state, dataset, lr, tmp)
+        trainer = make_trainer(cfg, global_state, dataset, lr, tmp, models=models)
+        if tokenized is not None:
+            tokenized.put(key, trainer.train_dataset)
         result = trainer.train()
         state = adapter_state(trainer.model)
     loss = float(result.training_loss)
@@ -104,6 +172,6 @@ def evaluate_adapter(
     dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed)
     dataset = dataset.select(range(min(64, len(dataset))))
     with tempfile.TemporaryDirectory(prefix="flowertune-eval-") as tmp:
-        trainer = make_trainer(cfg, global_state, dataset, 0.0, tmp, eval_dataset=dataset)
+        trainer = make_trainer(cfg, global_state, dataset, 0.0, tmp, eval_dataset=dataset, models=MODELS)
         metrics = trainer.evaluate()
     return float(metrics["eval_loss"]), len(dataset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -29,6 +30,29 @@ def run_config_arg(overrides: dict) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in overrides.items())
 
 
+def flwr_run(tmp_path: Path, overrides: dict, timeout: int = 900) -> str:
+    """`flwr run` of this app on a private SuperLink with 20 simulated SuperNodes; the log."""
+    home = tmp_path / "flwr-home"
+    superlink, connection = start_simulation_superlink(home, tmp_path / "superlink.log")
+    try:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), connection, "--stream",
+             "--federation-config", "num-supernodes=20 client-resources-num-cpus=1",
+             "--run-config", run_config_arg(overrides)],
+            env=flower_env(home), capture_output=True, text=True, timeout=timeout, check=False,
+        )
+    finally:
+        stop_tree(superlink.pid)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+def round_lines(log: str) -> list[tuple[str, str, str, str]]:
+    """(round, clients, failed, loss) from the server's per-round log lines."""
+    return re.findall(r"\[round (\d+)\] lr=\S+ clients=(\d+) failed=(\d+) train_loss=(\S+)", log)
+
+
 def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
@@ -44,22 +68,9 @@ def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
         "train.training-arguments.max-steps": 2,
         "train.output-dir": str(tmp_path / "results"),
     }
-    home = tmp_path / "flwr-home"
-    superlink, connection = start_simulation_superlink(home, tmp_path / "superlink.log")
-    try:
-        proc = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), connection, "--stream",
-             "--federation-config", "num-supernodes=20 client-resources-num-cpus=1",
-             "--run-config", run_config_arg(overrides)],
-            env=flower_env(home), capture_output=True, text=True, timeout=900, check=False,
-        )
-    finally:
-        stop_tree(superlink.pid)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-
+    log = flwr_run(tmp_path, overrides)
     assert "Sampled 2 nodes (out of 20)" in log, log[-3000:]
-    rounds = re.findall(r"\[round (\d+)\] lr=\S+ clients=(\d+) failed=(\d+) train_loss=(\S+)", log)
+    rounds = round_lines(log)
     assert [(r, c, f) for r, c, f, _ in rounds] == [("1", "2", "0"), ("2", "2", "0")], log[-3000:]
     assert all(math.isfinite(float(loss)) for *_, loss in rounds)
 
@@ -71,3 +82,45 @@ def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     assert set(trained) == set(start)
     assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-4
+
+
+def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
+    tmp_path: Path, smollm2_gguf: Path, smollm2_model_dir: Path
+) -> None:
+    """The README's offline demo, shortened to 1 round: GGUF weights, 4-bit, CPU, local data."""
+    from transformers import AutoTokenizer
+
+    from flowertune_llm.dataset import build_prompt
+
+    overrides = {
+        "model.name": str(smollm2_gguf),
+        "static.dataset.name": str(ALPACA_SUBSET),
+        "num-server-rounds": 1,
+        "train.seq-length": 128,
+        "train.learning-rate-max": 2e-3,
+        "train.learning-rate-min": 2e-3,
+        "train.training-arguments.per-device-train-batch-size": 4,
+        "train.training-arguments.max-steps": 3,
+        "train.output-dir": str(tmp_path / "results"),
+    }
+    log = flwr_run(tmp_path, overrides)
+    assert [r[:3] for r in round_lines(log)] == [("1", "2", "0")], log[-3000:]
+    (checkpoint,) = list((tmp_path / "results").glob("*/peft_1"))
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(smollm2_model_dir)  # the local import
+
+    # The same prompt through the initial (round-0) adapter and the trained one.
+    from flowertune_llm.checkpoint import save_adapter
+
+    cfg = parse_config(tiny_run_config(smollm2_model_dir, **{"model.name": str(smollm2_gguf)}))
+    state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
+    save_adapter(tmp_path / "peft_0", state, peft_config, {})
+    tok = AutoTokenizer.from_pretrained(smollm2_model_dir)
+    ids = tok(build_prompt("Name three primary colors."), return_tensors="pt")
+    logits = {}
+    for name in ("peft_0", "trained"):
+        folder = tmp_path / "peft_0" if name == "peft_0" else checkpoint
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_model_dir), str(folder))
+        with torch.inference_mode():
+            logits[name] = model(**ids).logits[0, -1]
+    assert (logits["trained"] - logits["peft_0"]).abs().max().item() > 1e-3
