@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -132,13 +132,15 @@ class FlowerTuneFedAvg(FedAvg):
         sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
         node_ids = sample_round(all_nodes, self.partitions, sample_size, self.seed, rnd)
+        partitions = [self.partitions.get(n) for n in node_ids]
+        log(INFO, "round %d: sampled partitions %s (%d of %d nodes)", rnd, partitions, len(node_ids), len(all_nodes))
         lr = self.lr_schedule(rnd)
         config["lr"] = lr
         config["server-round"] = rnd
         wire = state_to_arrays(arrays_to_state(arrays), self.wire_dtype)
         record = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
         messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
-        round_log = RoundLog(rnd, lr, [self.partitions.get(n) for n in node_ids])
+        round_log = RoundLog(rnd, lr, partitions)
         round_log.comm_round.add_sent(wire, copies=len(messages))
         self.comm.add_sent(wire, copies=len(messages))
         self.rounds[rnd] = round_log

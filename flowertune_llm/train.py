@@ -159,10 +159,11 @@ def train_one_round(
             tokenized.put(key, trainer.train_dataset)
         result = trainer.train()
         state = adapter_state(trainer.model)
+        num_examples = len(trainer.train_dataset)  # after TRL dropped rows with no response left
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise RuntimeError(f"partition {partition_id}: training loss is {loss}")
-    return RoundResult(state=state, train_loss=loss, num_examples=len(dataset))
+    return RoundResult(state=state, train_loss=loss, num_examples=num_examples)
 
 
 def evaluate_adapter(

@@ -14,6 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from flowertune_llm.config import parse_config
+from flowertune_llm.metrics import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
 from tests.conftest import ALPACA_SUBSET, ROOT, tiny_run_config
 from tests.processes import BIN, flower_env, start_simulation_superlink, stop_tree
@@ -30,15 +31,20 @@ def run_config_arg(overrides: dict) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in overrides.items())
 
 
+def flwr_run_command(connection: str, overrides: dict) -> list[str]:
+    """`flwr run` of this app with 20 simulated SuperNodes and these run-config overrides."""
+    return [str(BIN / "flwr"), "run", str(ROOT), connection, "--stream",
+            "--federation-config", "num-supernodes=20 client-resources-num-cpus=1",
+            "--run-config", run_config_arg(overrides)]
+
+
 def flwr_run(tmp_path: Path, overrides: dict, timeout: int = 900) -> str:
-    """`flwr run` of this app on a private SuperLink with 20 simulated SuperNodes; the log."""
+    """Run the app to completion on a private SuperLink (stopped afterwards); the log."""
     home = tmp_path / "flwr-home"
     superlink, connection = start_simulation_superlink(home, tmp_path / "superlink.log")
     try:
         proc = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), connection, "--stream",
-             "--federation-config", "num-supernodes=20 client-resources-num-cpus=1",
-             "--run-config", run_config_arg(overrides)],
+            flwr_run_command(connection, overrides),
             env=flower_env(home), capture_output=True, text=True, timeout=timeout, check=False,
         )
     finally:
@@ -50,7 +56,8 @@ def flwr_run(tmp_path: Path, overrides: dict, timeout: int = 900) -> str:
 
 def round_lines(log: str) -> list[tuple[str, str, str, str]]:
     """(round, clients, failed, loss) from the server's per-round log lines."""
-    return re.findall(r"\[round (\d+)\] lr=\S+ clients=(\d+) failed=(\d+) train_loss=(\S+)", log)
+    found = re.findall(r"\[round (\d+)/\d+\] train_loss=(\S+) lr=\S+ clients=(\d+) failed=(\d+)", log)
+    return [(rnd, clients, failed, loss) for rnd, loss, clients, failed in found]
 
 
 def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
@@ -69,13 +76,18 @@ def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
         "train.output-dir": str(tmp_path / "results"),
     }
     log = flwr_run(tmp_path, overrides)
-    assert "Sampled 2 nodes (out of 20)" in log, log[-3000:]
+    assert "(2 of 20 nodes)" in log, log[-3000:]
     rounds = round_lines(log)
     assert [(r, c, f) for r, c, f, _ in rounds] == [("1", "2", "0"), ("2", "2", "0")], log[-3000:]
     assert all(math.isfinite(float(loss)) for *_, loss in rounds)
 
     checkpoints = list((tmp_path / "results").glob("*/peft_2"))
     assert len(checkpoints) == 1, log[-3000:]
+    run_dir = checkpoints[0].parent
+    metrics = read_metrics(run_dir)
+    assert [(m["server_round"], m["replies"], m["failures"]) for m in metrics] == [(1, 2, 0), (2, 2, 0)]
+    assert all(len(m["client_losses"]) == 2 and m["mb_total"] > 0 for m in metrics)
+    assert (run_dir / "config.json").is_file() and (run_dir / "loss.png").is_file()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     trained = adapter_state(PeftModel.from_pretrained(base, str(checkpoints[0])))
     cfg = parse_config(tiny_run_config(tiny_llama_dir))
@@ -124,3 +136,65 @@ def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
         with torch.inference_mode():
             logits[name] = model(**ids).logits[0, -1]
     assert (logits["trained"] - logits["peft_0"]).abs().max().item() > 1e-3
+
+
+def comparable(metrics: dict) -> dict:
+    """A metrics line without what differs between runs by nature (timing, node ids)."""
+    out = {k: v for k, v in metrics.items() if k != "wall_time_s"}
+    out["client_losses"] = sorted(
+        ({k: v for k, v in c.items() if k != "node"} for c in metrics["client_losses"]),
+        key=lambda c: c["partition"],
+    )
+    return out
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    import time
+
+    from safetensors.torch import load_file
+
+    from flowertune_llm.checkpoint import is_complete
+
+    base = {
+        "model.name": str(tiny_llama_dir),
+        "static.dataset.name": str(ALPACA_SUBSET),
+        "num-server-rounds": 4,
+        "train.save-every-round": 2,
+        "train.seq-length": 64,
+        "train.learning-rate-max": 1e-2,
+        "train.learning-rate-min": 1e-3,
+        "train.training-arguments.per-device-train-batch-size": 4,
+        "train.training-arguments.max-steps": 2,
+    }
+    flwr_run(tmp_path / "full", {**base, "train.output-dir": str(tmp_path / "full" / "results")})
+    (full_run,) = list((tmp_path / "full" / "results").iterdir())
+
+    # Interrupted run: kill SuperLink, simulation and `flwr run` once peft_2 is on disk.
+    out = tmp_path / "cut" / "results"
+    home = tmp_path / "cut" / "flwr-home"
+    superlink, connection = start_simulation_superlink(home, tmp_path / "cut" / "superlink.log")
+    runner = subprocess.Popen(
+        flwr_run_command(connection, {**base, "train.output-dir": str(out)}),
+        env=flower_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not any(is_complete(p) for p in out.glob("*/peft_2")):
+            assert time.monotonic() < deadline and runner.poll() is None, "no peft_2 before the run ended"
+            time.sleep(0.2)
+    finally:
+        stop_tree(superlink.pid, timeout=0)  # SIGTERM then SIGKILL right away: a pre-emption
+        stop_tree(runner.pid, timeout=0)
+    (cut_run,) = list(out.iterdir())
+    assert not (cut_run / "peft_4").exists()
+
+    log = flwr_run(tmp_path / "resume", {**base, "train.output-dir": str(out), "train.resume-from": str(cut_run)})
+    assert "Resuming" in log and list(out.iterdir()) == [cut_run]
+
+    full, resumed = load_file(str(full_run / "peft_4" / "adapter_model.safetensors")), load_file(
+        str(cut_run / "peft_4" / "adapter_model.safetensors")
+    )
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+    full_m, cut_m = read_metrics(full_run), read_metrics(cut_run)
+    assert [m["server_round"] for m in cut_m] == [1, 2, 3, 4]
+    assert [comparable(m) for m in cut_m[2:]] == [comparable(m) for m in full_m[2:]]

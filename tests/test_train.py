@@ -14,11 +14,14 @@ from tests.conftest import tiny_run_config
 
 
 def test_one_round_in_4bit_changes_the_adapter_and_reports_float32(tiny_llama_dir: Path) -> None:
-    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"model.quantization": 4}))
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"model.quantization": 4, "train.seq-length": 1024}))
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     result = train_one_round(cfg, start, partition_id=0, num_partitions=20, lr=1e-2)
     assert math.isfinite(result.train_loss) and result.train_loss > 0
-    assert result.num_examples == 50  # 985 rows / 20 partitions, first shares get the extra row
+    assert result.num_examples == 50  # 985 rows / 20 partitions; none too long for 1024 tokens
+    short = train_one_round(cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(
+        **{**cfg.train.__dict__, "seq_length": 60})}), start, 0, 20, 1e-2)
+    assert short.num_examples == 43  # the 7 rows whose prompt alone fills 60 tokens are dropped
     assert set(result.state) == set(start)
     assert all(v.dtype == torch.float32 for v in result.state.values())
     assert any(not torch.equal(result.state[k], start[k]) for k in start)
