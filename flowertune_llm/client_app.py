@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from flowertune_llm.config import parse_config
 from flowertune_llm.models import arrays_to_state, state_to_arrays
@@ -13,7 +16,15 @@ from flowertune_llm.train import evaluate_adapter, train_one_round
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = ClientApp()
+def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's fixed-clipping mod, applied only to train messages of runs with DP enabled."""
+    config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[dp_clipping_mod])
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -31,6 +42,7 @@ def train(msg: Message, context: Context) -> Message:
         partition_id,
         num_partitions,
         lr=float(msg.content["config"]["lr"]),
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
     )
     metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
     arrays = state_to_arrays(result.state, cfg.comm.dtype)

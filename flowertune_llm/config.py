@@ -78,12 +78,35 @@ class CommSettings:
     tensorboard: bool
 
 
+#: strategy.name -> the strategy's own hyper-parameter keys (under strategy.) and kwarg names.
+STRATEGY_PARAMS: dict[str, dict[str, str]] = {
+    "fedavg": {},
+    "fedprox": {"proximal-mu": "proximal_mu"},
+    "fedavgm": {"server-learning-rate": "server_learning_rate", "server-momentum": "server_momentum"},
+    "fedadam": {"eta": "eta", "eta-l": "eta_l", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau"},
+    "fedyogi": {"eta": "eta", "eta-l": "eta_l", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau"},
+    "fedadagrad": {"eta": "eta", "eta-l": "eta_l", "tau": "tau"},
+}
+
+
 @dataclass(frozen=True)
 class StrategySettings:
-    """Client sampling."""
+    """Aggregation strategy, its hyper-parameters, and client sampling."""
 
+    name: str
+    params: tuple[tuple[str, float], ...]  # the chosen strategy's kwargs
     fraction_train: float
     fraction_evaluate: float
+    min_replies: int
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Central differential privacy with client-side fixed clipping (opt-in)."""
+
+    enabled: bool
+    noise_multiplier: float
+    clipping_norm: float
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,7 @@ class Config:
     train: TrainSettings
     strategy: StrategySettings
     comm: CommSettings
+    dp: DPSettings
 
     @property
     def is_leaderboard_dataset(self) -> bool:
@@ -252,12 +276,43 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
             lora=lora,
         ),
         train=train,
-        strategy=StrategySettings(
-            fraction_train=_fraction(run_config, "strategy.fraction-train", allow_zero=False),
-            fraction_evaluate=_fraction(run_config, "strategy.fraction-evaluate", allow_zero=True),
-        ),
+        strategy=_strategy(run_config),
         comm=CommSettings(
             dtype=_choice(run_config, "comm.dtype", ("float32", "bf16")),
             tensorboard=_as_bool(run_config, "metrics.tensorboard"),
         ),
+        dp=_dp(run_config),
     )
+
+
+def _strategy(cfg: Mapping[str, Any]) -> StrategySettings:
+    name = _choice(cfg, "strategy.name", tuple(STRATEGY_PARAMS))
+    params = []
+    for key, kwarg in STRATEGY_PARAMS[name].items():
+        value = _as_float(cfg, f"strategy.{key}")
+        if value < 0 or (key in ("beta-1", "beta-2", "server-momentum") and value >= 1):
+            raise ConfigError(f"strategy.{key}={value!r}: out of range for {name}")
+        params.append((kwarg, value))
+    return StrategySettings(
+        name=name,
+        params=tuple(params),
+        fraction_train=_fraction(cfg, "strategy.fraction-train", allow_zero=False),
+        fraction_evaluate=_fraction(cfg, "strategy.fraction-evaluate", allow_zero=True),
+        min_replies=_as_int(cfg, "strategy.min-replies", minimum=1),
+    )
+
+
+def _dp(cfg: Mapping[str, Any]) -> DPSettings:
+    dp = DPSettings(
+        enabled=_as_bool(cfg, "dp.enabled"),
+        noise_multiplier=_as_float(cfg, "dp.noise-multiplier"),
+        clipping_norm=_as_float(cfg, "dp.clipping-norm"),
+    )
+    if dp.enabled:
+        if dp.noise_multiplier < 0:
+            raise ConfigError(f"dp.noise-multiplier={dp.noise_multiplier!r}: must be >= 0")
+        if dp.clipping_norm <= 0:
+            raise ConfigError(f"dp.clipping-norm={dp.clipping_norm!r}: must be > 0")
+        if cfg.get("comm.dtype") != "float32":
+            raise ConfigError(f"dp.enabled=true needs comm.dtype='float32' (got {cfg.get('comm.dtype')!r})")
+    return dp

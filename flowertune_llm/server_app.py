@@ -14,7 +14,7 @@ from flowertune_llm.config import parse_config
 from flowertune_llm.metrics import RunLog
 from flowertune_llm.models import initial_adapter, state_to_arrays
 from flowertune_llm.preflight import preflight
-from flowertune_llm.strategy import CommStats, FlowerTuneFedAvg, discover_partitions
+from flowertune_llm.strategy import CommStats, build_strategy, discover_partitions, with_dp
 
 app = ServerApp()
 
@@ -33,7 +33,8 @@ def main(grid: Grid, context: Context) -> None:
         state, peft_config, run_dir, done = resume.state, resume.peft_config, resume.run_dir, resume.round
         comm = CommStats(**resume.comm_total_bytes)
         log(INFO, "Resuming %s after round %d", run_dir, done)
-    strategy = FlowerTuneFedAvg(
+    strategy = build_strategy(
+        cfg.strategy.name,
         lr_schedule=cfg.lr,
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
@@ -42,6 +43,8 @@ def main(grid: Grid, context: Context) -> None:
         round_offset=done,
         comm=comm,
         wire_dtype=cfg.comm.dtype,
+        min_replies=cfg.strategy.min_replies,
+        **dict(cfg.strategy.params),
     )
     run_log = RunLog(run_dir, cfg, last_round=done)
     checkpointer = Checkpointer(
@@ -66,7 +69,8 @@ def main(grid: Grid, context: Context) -> None:
                 run_log.plot()
 
     log(INFO, "Run folder: %s", run_dir)
-    strategy.start(
+    runner = with_dp(strategy, cfg.dp, num_nodes=len(list(grid.get_node_ids())))
+    runner.start(
         grid=grid,
         initial_arrays=state_to_arrays(state),
         num_rounds=cfg.num_server_rounds - done,

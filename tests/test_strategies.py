@@ -1,0 +1,215 @@
+"""Each strategy against a hand computation on real replies; defended aggregation; FedProx; DP."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from flowertune_llm.client_app import dp_clipping_mod
+from flowertune_llm.config import DPSettings, parse_config
+from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
+from flowertune_llm.strategy import build_strategy, with_dp
+from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
+from tests.conftest import tiny_run_config
+from tests.test_strategy import FakeGrid, reply, task_identity  # noqa: F401
+
+PARTITIONS = {n: n - 1 for n in range(1, 21)}  # FakeGrid's node ids 1..20
+PARAMS = {
+    "fedavg": {},
+    "fedprox": {"proximal_mu": 0.5},
+    "fedavgm": {"server_learning_rate": 1.0, "server_momentum": 0.9},
+    "fedadam": {"eta": 1e-2, "eta_l": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedyogi": {"eta": 1e-2, "eta_l": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedadagrad": {"eta": 1e-2, "eta_l": 1e-2, "tau": 1e-3},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir: Path):
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
+        "model.quantization": "none", "train.training-arguments.max-steps": 1,
+    }))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    return cfg, start, ModelCache(), TokenizedCache()
+
+
+def weighted_mean(states: list[dict], weights: list[int]) -> dict[str, np.ndarray]:
+    total = sum(weights)
+    return {k: sum(w * s[k].numpy() for s, w in zip(states, weights)) / total for k in states[0]}
+
+
+class Hand:
+    """The strategies' server updates, written out from their papers/definitions."""
+
+    def __init__(self, name: str, params: dict) -> None:
+        self.name, self.p = name, params
+        self.m: dict | None = None
+        self.v: dict | None = None
+
+    def step(self, x: dict[str, np.ndarray], avg: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndarray]:
+        p = self.p
+        if self.name in ("fedavg", "fedprox"):
+            return avg
+        if self.name == "fedavgm":
+            pg = {k: x[k] - avg[k] for k in x}
+            self.m = pg if self.m is None else {k: p["server_momentum"] * self.m[k] + pg[k] for k in x}
+            return {k: x[k] - p["server_learning_rate"] * self.m[k] for k in x}
+        delta = {k: avg[k] - x[k] for k in x}
+        b1 = p.get("beta_1", 0.0)
+        m_prev = self.m or {k: np.zeros_like(v) for k, v in x.items()}
+        self.m = {k: b1 * m_prev[k] + (1 - b1) * delta[k] for k in x}
+        v_prev = self.v or {k: np.zeros_like(v) for k, v in x.items()}
+        if self.name == "fedadam":
+            self.v = {k: p["beta_2"] * v_prev[k] + (1 - p["beta_2"]) * delta[k] ** 2 for k in x}
+            eta = p["eta"] * np.sqrt(1 - p["beta_2"] ** (rnd + 1)) / (1 - b1 ** (rnd + 1))
+        elif self.name == "fedyogi":
+            self.v = {k: v_prev[k] - (1 - p["beta_2"]) * delta[k] ** 2 * np.sign(v_prev[k] - delta[k] ** 2) for k in x}
+            eta = p["eta"]
+        else:  # fedadagrad
+            self.v = {k: v_prev[k] + delta[k] ** 2 for k in x}
+            eta = p["eta"]
+        return {k: x[k] + eta * self.m[k] / (np.sqrt(self.v[k]) + p["tau"]) for k in x}
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_two_rounds_match_a_hand_computation(name: str, tiny) -> None:
+    cfg, start, models, tokenized = tiny
+    strategy = build_strategy(name, lr_schedule=lambda r: 5e-3, fraction_train=0.1, fraction_evaluate=0.0,
+                              seed=1, partitions=PARTITIONS, **PARAMS[name])
+    hand = Hand(name, PARAMS[name])
+    arrays, x = state_to_arrays(start), {k: v.numpy() for k, v in start.items()}
+    for rnd in (1, 2):
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), FakeGrid()))
+        assert len(messages) == 2
+        config = messages[0].content["config"]
+        assert config["lr"] == 5e-3 and config.get("proximal-mu", 0.0) == PARAMS[name].get("proximal_mu", 0.0)
+        results = [
+            train_one_round(cfg, arrays_to_state(m.content["arrays"]), PARTITIONS[m.metadata.dst_node_id], 20,
+                            float(config["lr"]), models, tokenized, proximal_mu=float(config.get("proximal-mu", 0.0)))
+            for m in messages
+        ]
+        replies = [reply(m, state_to_arrays(r.state), r.train_loss, r.num_examples) for m, r in zip(messages, results)]
+        agg, metrics = strategy.aggregate_train(rnd, replies)
+        x = hand.step(x, weighted_mean([r.state for r in results], [r.num_examples for r in results]), rnd)
+        got = arrays_to_state(agg)
+        for k in x:
+            np.testing.assert_allclose(got[k].numpy(), x[k], rtol=1e-4, atol=1e-6, err_msg=f"{name} round {rnd} {k}")
+        assert strategy.rounds[rnd].replies == 2 and metrics["train_loss"] > 0
+        arrays = agg
+    assert any(not np.allclose(x[k], start[k].numpy()) for k in x)
+
+
+def test_proximal_term_pulls_the_update_towards_the_global_adapter(tiny) -> None:
+    cfg, start, models, tokenized = tiny
+    cfg3 = parse_config({**tiny_run_config(Path(cfg.model.name)), "model.quantization": "none",
+                         "train.training-arguments.max-steps": 4})
+
+    def distance(mu: float) -> float:
+        state = train_one_round(cfg3, start, 0, 20, 1e-2, models, tokenized, proximal_mu=mu).state
+        return sum(((state[k] - start[k]) ** 2).sum().item() for k in start) ** 0.5
+
+    free, pulled = distance(0.0), distance(50.0)
+    assert pulled < 0.9 * free
+
+
+def bad_replies(messages: list[Message], good: dict[str, torch.Tensor]) -> dict[str, Message]:
+    """One bad reply of each kind, built on the first sampled node's message."""
+    msg = messages[0]
+    first = next(iter(good))
+    nan = {**good, first: torch.full_like(good[first], float("nan"))}
+    shape = {**good, first: torch.zeros(3, 3)}
+    missing = {k: v for k, v in good.items() if k != first}
+    return {
+        "non-finite values": reply(msg, state_to_arrays(nan), 1.0, 10),
+        "shape": reply(msg, state_to_arrays(shape), 1.0, 10),
+        "tensor names differ": reply(msg, state_to_arrays(missing), 1.0, 10),
+        "'num-examples' is 0": reply(msg, state_to_arrays(good), 1.0, 0),
+        "client error: CUDA out of memory": Message(Error(code=0, reason="CUDA out of memory"), reply_to=msg),
+    }
+
+
+@pytest.mark.parametrize("kind", [
+    "non-finite values", "shape", "tensor names differ", "'num-examples' is 0", "client error: CUDA out of memory"])
+def test_a_bad_reply_is_dropped_and_named_and_the_round_goes_on(
+    kind: str, tiny, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, start, _, _ = tiny
+    strategy = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.15, fraction_evaluate=0.0,
+                              seed=0, partitions=PARTITIONS)
+    messages = list(strategy.configure_train(1, state_to_arrays(start), ConfigRecord(), FakeGrid()))
+    assert len(messages) == 3
+    goods = [{k: v + 0.1 * (i + 1) for k, v in start.items()} for i in range(3)]
+    replies = [bad_replies(messages, goods[0])[kind]] + [
+        reply(m, state_to_arrays(g), 1.0, 10 * (i + 2)) for i, (m, g) in enumerate(zip(messages[1:], goods[1:]))
+    ]
+    caplog.set_level(logging.WARNING, logger="flwr")
+    agg, _ = strategy.aggregate_train(1, replies)
+    expected = weighted_mean(goods[1:], [20, 30])
+    for k in expected:
+        np.testing.assert_allclose(arrays_to_state(agg)[k].numpy(), expected[k], rtol=1e-6)
+    node = messages[0].metadata.dst_node_id
+    assert any(f"node {node}" in r.getMessage() and kind in r.getMessage() for r in caplog.records), caplog.text
+    assert strategy.rounds[1].replies == 2 and strategy.rounds[1].failures == 1
+    assert strategy.rounds[1].rejected[0]["partition"] == PARTITIONS[node]
+
+
+def test_too_few_usable_replies_fail_the_round_clearly(tiny) -> None:
+    _, start, _, _ = tiny
+    strategy = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.1, fraction_evaluate=0.0,
+                              min_replies=2, partitions=PARTITIONS)
+    messages = list(strategy.configure_train(1, state_to_arrays(start), ConfigRecord(), FakeGrid()))
+    replies = [Message(Error(code=0, reason="boom"), reply_to=messages[0]), reply(messages[1], state_to_arrays(start), 1.0, 5)]
+    with pytest.raises(RuntimeError, match="1 usable replies, fewer than strategy.min-replies=2"):
+        strategy.aggregate_train(1, replies)
+
+
+def test_dp_clips_every_update_and_adds_noise_of_the_configured_std(tiny) -> None:
+    _, start, _, _ = tiny
+    clip, noise = 0.5, 0.8
+    inner = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.1, fraction_evaluate=0.0,
+                           partitions=PARTITIONS)
+    dp = with_dp(inner, DPSettings(True, noise, clip), num_nodes=20)
+    messages = list(dp.configure_train(1, state_to_arrays(start), ConfigRecord(), FakeGrid()))
+    assert messages[0].content["config"][KEY_CLIPPING_NORM] == clip
+
+    # Client side: the mod clips whatever the local training returns.
+    clipped = []
+    for i, msg in enumerate(messages):
+        far = {k: v + (i + 1) * 3.0 for k, v in start.items()}
+        out = dp_clipping_mod(msg, Context(1, msg.metadata.dst_node_id, {}, RecordDict(), {}),
+                              lambda m, c: reply(m, state_to_arrays(far), 1.0, 10))
+        update = {k: v - start[k] for k, v in arrays_to_state(out.content["arrays"]).items()}
+        norm = sum((u ** 2).sum().item() for u in update.values()) ** 0.5
+        assert norm <= clip * (1 + 1e-5)
+        clipped.append(out)
+    plain = weighted_mean([arrays_to_state(m.content["arrays"]) for m in clipped], [10, 10])
+
+    # Server side: noise std = noise_multiplier * clip / sampled clients, over many draws.
+    draws = []
+    for rnd in range(2, 42):
+        msgs = list(dp.configure_train(rnd, state_to_arrays(start), ConfigRecord(), FakeGrid()))
+        fresh = [reply(m, c.content["arrays"], 1.0, 10) for m, c in zip(msgs, clipped)]
+        agg, _ = dp.aggregate_train(rnd, fresh)
+        got = arrays_to_state(agg)
+        draws.append(np.concatenate([(got[k].numpy() - plain[k]).ravel() for k in plain]))
+    noise_values = np.concatenate(draws)
+    expected_std = noise * clip / 2
+    assert abs(noise_values.std() / expected_std - 1) < 0.02
+    assert abs(noise_values.mean()) < 0.01 * expected_std * 10
+
+
+def test_train_messages_without_dp_pass_through_the_mod(tiny) -> None:
+    _, start, _, _ = tiny
+    strategy = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.1, fraction_evaluate=0.0)
+    msg = list(strategy.configure_train(1, state_to_arrays(start), ConfigRecord(), FakeGrid()))[0]
+    far = {k: v + 3.0 for k, v in start.items()}
+    out = dp_clipping_mod(msg, Context(1, 1, {}, RecordDict(), {}), lambda m, c: reply(m, state_to_arrays(far), 1.0, 1))
+    assert torch.equal(arrays_to_state(out.content["arrays"])[next(iter(far))], far[next(iter(far))])
+    assert msg.metadata.message_type == MessageType.TRAIN
+    assert isinstance(out.content["arrays"], ArrayRecord)
