@@ -14,7 +14,7 @@ from flowertune_llm.config import parse_config
 from flowertune_llm.metrics import RunLog
 from flowertune_llm.models import initial_adapter, state_to_arrays
 from flowertune_llm.preflight import preflight
-from flowertune_llm.strategy import CommStats, build_strategy, discover_partitions, with_dp
+from flowertune_llm.strategy import CommStats, build_strategy, with_dp
 
 app = ServerApp()
 
@@ -39,7 +39,6 @@ def main(grid: Grid, context: Context) -> None:
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
         seed=cfg.train.seed,
-        partitions=discover_partitions(grid),
         round_offset=done,
         comm=comm,
         wire_dtype=cfg.comm.dtype,

@@ -177,6 +177,9 @@ class FlowerTuneMixin:
         config = messages[0].content[self.configrecord_key]
         config["server-round"] = rnd
         all_nodes = list(grid.get_node_ids())
+        unknown = [n for n in all_nodes if n not in self.partitions]
+        if unknown:  # first round, or nodes that joined since: ask for their partition ids
+            self.partitions.update(discover_partitions(grid, unknown))
         node_ids = sample_round(all_nodes, self.partitions, len(messages), self.seed, rnd)
         partitions = [self.partitions.get(n) for n in node_ids]
         log(INFO, "round %d: sampled partitions %s (%d of %d nodes)", rnd, partitions, len(node_ids), len(all_nodes))
@@ -263,11 +266,11 @@ def build_strategy(name: str, **kwargs: Any) -> FlowerTuneMixin:
     return cls(**kwargs)
 
 
-def discover_partitions(grid: Grid, timeout: float = 120.0) -> dict[int, int]:
-    """Ask every connected node for its partition id (a tiny QUERY message each)."""
+def discover_partitions(grid: Grid, node_ids: list[int], timeout: float = 120.0) -> dict[int, int]:
+    """Ask nodes for their partition id (a tiny QUERY message each)."""
     messages = [
         Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node_id)
-        for node_id in grid.get_node_ids()
+        for node_id in node_ids
     ]
     partitions = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):

@@ -90,3 +90,37 @@ def start_simulation_superlink(flwr_home: Path, log_file: Path) -> tuple[subproc
         stop_tree(proc.pid)
         raise
     return proc, "test"
+
+
+def start_deployment(flwr_home: Path, logs: Path, num_supernodes: int) -> tuple[list[subprocess.Popen], str]:
+    """A SuperLink (deployment mode) and SuperNodes on loopback, insecure, free ports."""
+    port = free_port()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = flower_env(flwr_home)
+    procs: list[subprocess.Popen] = []
+    try:
+        superlink = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            env=env, stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        )
+        procs.append(superlink)
+        wait_for_port(port, superlink)
+        for i in range(num_supernodes):
+            node = subprocess.Popen(
+                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                 "--port", str(free_port()),
+                 "--node-config", f"partition-id={i} num-partitions={num_supernodes}"],
+                env=env, stdout=open(logs / f"supernode-{i}.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            )
+            procs.append(node)
+    except BaseException:
+        for proc in procs:
+            stop_tree(proc.pid)
+        raise
+    return procs, "deploy"

@@ -198,3 +198,46 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, tiny_llama_
     full_m, cut_m = read_metrics(full_run), read_metrics(cut_run)
     assert [m["server_round"] for m in cut_m] == [1, 2, 3, 4]
     assert [comparable(m) for m in cut_m[2:]] == [comparable(m) for m in full_m[2:]]
+
+
+def test_deployment_engine_superlink_and_two_supernodes_on_loopback(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from tests.processes import start_deployment
+
+    overrides = {
+        "model.name": str(tiny_llama_dir),
+        "static.dataset.name": str(ALPACA_SUBSET),
+        "num-server-rounds": 2,
+        "train.seq-length": 64,
+        "train.training-arguments.per-device-train-batch-size": 4,
+        "train.training-arguments.max-steps": 2,
+        "train.output-dir": str(tmp_path / "results"),
+    }
+    home = tmp_path / "flwr-home"
+    procs, connection = start_deployment(home, tmp_path / "logs", num_supernodes=2)
+    try:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), connection, "--stream", "--run-config", run_config_arg(overrides)],
+            env=flower_env(home), capture_output=True, text=True, timeout=600, check=False,
+        )
+    finally:
+        for p in procs:
+            stop_tree(p.pid)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert [r[:3] for r in round_lines(log)] == [("1", "2", "0"), ("2", "2", "0")], log[-3000:]
+    (checkpoint,) = list((tmp_path / "results").glob("*/peft_2"))
+    metrics = read_metrics(checkpoint.parent)
+    assert sorted(c["partition"] for c in metrics[0]["client_losses"]) == [0, 1]
+    trained = adapter_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(checkpoint)))
+    assert set(trained) == set(initial_adapter(parse_config(tiny_run_config(tiny_llama_dir)).model, 42)[0])
+    for p in procs:
+        assert not psutil_alive(p.pid)
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

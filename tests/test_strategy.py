@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from peft import get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -18,13 +18,23 @@ from flowertune_llm.strategy import FlowerTuneFedAvg
 
 
 class FakeGrid:
-    """Just enough of a Grid for sampling: 20 connected SuperNodes."""
+    """Just enough of a Grid: 20 connected SuperNodes; node n holds partition n - 1."""
 
     def __init__(self, num_nodes: int = 20) -> None:
         self.node_ids = list(range(1, num_nodes + 1))
 
     def get_node_ids(self) -> list[int]:
         return self.node_ids
+
+    def send_and_receive(self, messages, timeout: float = 0.0) -> list[Message]:
+        """Answer the partition-id queries the strategy sends."""
+        out = []
+        for msg in messages:
+            assert msg.metadata.message_type == MessageType.QUERY
+            record = MetricRecord({"partition-id": msg.metadata.dst_node_id - 1, "num-partitions": 20})
+            answer = Message(content=RecordDict({"partition": record}), reply_to=msg)
+            out.append(answer)
+        return out
 
 
 @pytest.fixture(autouse=True)
