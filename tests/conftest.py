@@ -31,9 +31,9 @@ def default_run_config(**overrides: Any) -> dict[str, Any]:
     return flat
 
 
-def tiny_run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """A run_config for a tiny model on the local alpaca sample: seconds per round on CPU."""
-    base = {
+def tiny_overrides(model_dir: Path | str, **extra: Any) -> dict[str, Any]:
+    """Run-config overrides for a tiny model on the local alpaca sample: seconds per round."""
+    return {
         "model.name": str(model_dir),
         "static.dataset.name": str(ALPACA_SUBSET),
         "train.seq-length": 64,
@@ -43,9 +43,13 @@ def tiny_run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
         "train.training-arguments.max-steps": 2,
         "train.training-arguments.logging-steps": 1,
         "model.gradient-checkpointing": False,
+        **extra,
     }
-    base.update(overrides)
-    return default_run_config(**base)
+
+
+def tiny_run_config(model_dir: Path | str, **overrides: Any) -> dict[str, Any]:
+    """The full run_config of a tiny-model run (pyproject defaults + tiny_overrides)."""
+    return default_run_config(**tiny_overrides(model_dir, **overrides))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from flowertune_llm.config import parse_config
 from flowertune_llm.metrics import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
-from tests.conftest import ALPACA_SUBSET, ROOT, tiny_run_config
+from tests.conftest import ALPACA_SUBSET, ROOT, tiny_overrides, tiny_run_config
 from tests.processes import BIN, flower_env, start_simulation_superlink, stop_tree
 
 pytestmark = pytest.mark.slow
@@ -63,18 +63,9 @@ def round_lines(log: str) -> list[tuple[str, str, str, str]]:
 def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
-    overrides = {
-        "model.name": str(tiny_llama_dir),
-        "model.quantization": 4,
-        "static.dataset.name": str(ALPACA_SUBSET),
-        "num-server-rounds": 2,
-        "train.seq-length": 64,
-        "train.learning-rate-max": 1e-2,
-        "train.learning-rate-min": 1e-3,
-        "train.training-arguments.per-device-train-batch-size": 4,
-        "train.training-arguments.max-steps": 2,
-        "train.output-dir": str(tmp_path / "results"),
-    }
+    overrides = tiny_overrides(
+        tiny_llama_dir, **{"model.quantization": 4, "num-server-rounds": 2, "train.output-dir": str(tmp_path / "results")}
+    )
     log = flwr_run(tmp_path, overrides)
     assert "(2 of 20 nodes)" in log, log[-3000:]
     rounds = round_lines(log)
@@ -155,17 +146,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, tiny_llama_
 
     from flowertune_llm.checkpoint import is_complete
 
-    base = {
-        "model.name": str(tiny_llama_dir),
-        "static.dataset.name": str(ALPACA_SUBSET),
-        "num-server-rounds": 4,
-        "train.save-every-round": 2,
-        "train.seq-length": 64,
-        "train.learning-rate-max": 1e-2,
-        "train.learning-rate-min": 1e-3,
-        "train.training-arguments.per-device-train-batch-size": 4,
-        "train.training-arguments.max-steps": 2,
-    }
+    base = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 4, "train.save-every-round": 2})
     flwr_run(tmp_path / "full", {**base, "train.output-dir": str(tmp_path / "full" / "results")})
     (full_run,) = list((tmp_path / "full" / "results").iterdir())
 
@@ -203,15 +184,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, tiny_llama_
 def test_deployment_engine_superlink_and_two_supernodes_on_loopback(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from tests.processes import start_deployment
 
-    overrides = {
-        "model.name": str(tiny_llama_dir),
-        "static.dataset.name": str(ALPACA_SUBSET),
-        "num-server-rounds": 2,
-        "train.seq-length": 64,
-        "train.training-arguments.per-device-train-batch-size": 4,
-        "train.training-arguments.max-steps": 2,
-        "train.output-dir": str(tmp_path / "results"),
-    }
+    overrides = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 2, "train.output-dir": str(tmp_path / "results")})
     home = tmp_path / "flwr-home"
     procs, connection = start_deployment(home, tmp_path / "logs", num_supernodes=2)
     try:
