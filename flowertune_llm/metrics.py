@@ -51,6 +51,31 @@ def format_duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def plot_loss(run_dir: Path, title: str) -> Path:
+    """Draw `loss.png` (weighted train loss per round) from a run's metrics.jsonl, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [m for m in read_metrics(run_dir) if m.get("train_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["server_round"] for m in rows], [m["train_loss"] for m in rows], marker=".")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("train loss (weighted by examples)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(run_dir) / PLOT_FILE
+    tmp = Path(run_dir) / f".{PLOT_FILE}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 class RunLog:
     """Writes a run's config and per-round metrics; refreshes the loss plot on request."""
 
@@ -103,26 +128,8 @@ class RunLog:
             self._writer.flush()
 
     def plot(self) -> Path:
-        """Redraw loss.png (weighted train loss per round) from metrics.jsonl."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [m for m in read_metrics(self.run_dir) if m.get("train_loss") is not None]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([m["server_round"] for m in rows], [m["train_loss"] for m in rows], marker=".")
-        ax.set_xlabel("round")
-        ax.set_ylabel("train loss (weighted by examples)")
-        ax.set_title(f"{self.cfg.model.name} ({self.cfg.num_server_rounds} rounds)", fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = self.run_dir / PLOT_FILE
-        tmp = self.run_dir / f".{PLOT_FILE}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        """Redraw loss.png from metrics.jsonl."""
+        return plot_loss(self.run_dir, f"{Path(self.cfg.model.name).name} ({self.cfg.num_server_rounds} rounds)")
 
     def close(self) -> None:
         """Flush and close TensorBoard, if used."""
