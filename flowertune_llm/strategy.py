@@ -96,6 +96,8 @@ class RoundLog:
         rec["mb_received"] = self.comm_round.received_payload / MB
         rec["mb_round"] = self.comm_round.total_payload_mb
         rec["mb_round_with_keys"] = self.comm_round.total_with_keys_mb
+        rec["mb_sent_total"] = self.comm_total.sent_payload / MB
+        rec["mb_received_total"] = self.comm_total.received_payload / MB
         rec["mb_total"] = self.comm_total.total_payload_mb
         rec["mb_total_with_keys"] = self.comm_total.total_with_keys_mb
         rec["comm_total_bytes"] = asdict(self.comm_total)
