@@ -84,6 +84,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
+def checkpoint_metadata(cfg: Config, server_round: int, comm_total_bytes: dict[str, int]) -> dict[str, Any]:
+    """What a checkpoint records beside the adapter so that the run can be resumed from it."""
+    return {
+        "round": server_round,
+        "seed": cfg.train.seed,
+        "config_fingerprint": cfg.fingerprint(),
+        "comm_total_bytes": comm_total_bytes,
+        "config": cfg.to_dict(),
+    }
+
+
 @dataclass(frozen=True)
 class Resume:
     """Everything a resumed run continues from."""

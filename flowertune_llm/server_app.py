@@ -9,7 +9,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from flowertune_llm.checkpoint import Checkpointer, checkpoint_rounds, load_resume, new_run_dir
+from flowertune_llm.checkpoint import (
+    Checkpointer,
+    checkpoint_metadata,
+    checkpoint_rounds,
+    load_resume,
+    new_run_dir,
+)
 from flowertune_llm.config import parse_config
 from flowertune_llm.metrics import RunLog
 from flowertune_llm.models import initial_adapter, state_to_arrays
@@ -50,14 +56,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir,
         peft_config,
         checkpoint_rounds(cfg.num_server_rounds, cfg.train.save_every_round),
-        metadata=lambda rnd: {
-            "round": rnd,
-            "seed": cfg.train.seed,
-            "config_fingerprint": cfg.fingerprint(),
-            "comm_total_bytes": asdict(strategy.comm),
-            "comm_total_mb": strategy.comm.total_payload_mb,
-            "config": cfg.to_dict(),
-        },
+        metadata=lambda rnd: checkpoint_metadata(cfg, rnd, asdict(strategy.comm)),
     )
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> None:

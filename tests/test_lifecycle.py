@@ -13,7 +13,7 @@ import torch
 from flwr.app import ConfigRecord
 from safetensors.torch import load_file
 
-from flowertune_llm.checkpoint import latest_checkpoint, load_resume, save_adapter
+from flowertune_llm.checkpoint import checkpoint_metadata, latest_checkpoint, load_resume, save_adapter
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.metrics import RunLog, read_metrics
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
@@ -89,8 +89,8 @@ def test_bf16_wire_halves_communication_and_stays_within_bf16_rounding() -> None
 
 def _checkpoint(tmp_path: Path, cfg, rnd: int) -> Path:
     state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
-    meta = {"round": rnd, "config": cfg.to_dict(), "comm_total_bytes": {"sent_payload": 1, "sent_with_keys": 2,
-            "received_payload": 3, "received_with_keys": 4}}
+    comm = {"sent_payload": 1, "sent_with_keys": 2, "received_payload": 3, "received_with_keys": 4}
+    meta = checkpoint_metadata(cfg, rnd, comm)
     return save_adapter(tmp_path / "run" / f"peft_{rnd}", state, peft_config, meta)
 
 
