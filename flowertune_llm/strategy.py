@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
 )
 
 from flowertune_llm.config import DPSettings
-from flowertune_llm.models import arrays_to_state, state_to_arrays
+from flowertune_llm.models import AdapterState, arrays_to_state, state_to_arrays
 
 MB = 1024**2  # as Flower's communication tracker counts
 #: The FlowerTune leaderboard's communication budget for a whole run, in MB.
@@ -112,10 +112,10 @@ def sample_round(
     return random.Random(f"{seed}:{server_round}").sample(ordered, k)
 
 
-def check_reply(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]], key: str, weight_key: str) -> str | None:
-    """Why a client's reply cannot be aggregated (None if it can)."""
-    if key not in msg.content.array_records:
-        return f"no ArrayRecord '{key}'"
+def check_reply(
+    msg: Message, state: AdapterState, expected: dict[str, tuple[tuple[int, ...], str]], key: str, weight_key: str
+) -> str | None:
+    """Why a client's reply (its arrays decoded to `state`) cannot be aggregated; None if it can."""
     wire = msg.content.array_records[key]
     missing, extra = sorted(set(expected) - set(wire)), sorted(set(wire) - set(expected))
     if missing or extra:
@@ -128,7 +128,7 @@ def check_reply(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]], 
     count = None if metrics is None else metrics.get(weight_key)
     if isinstance(count, bool) or not isinstance(count, (int, float)) or not count > 0:
         return f"'{weight_key}' is {count!r}, expected a positive number"
-    for name, tensor in arrays_to_state(wire).items():
+    for name, tensor in state.items():
         if not bool(torch.isfinite(tensor).all()):
             return f"{name}: non-finite values"
     return None
@@ -205,18 +205,20 @@ class FlowerTuneMixin:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 reason = f"client error: {msg.error.reason}"
+            elif self.arrayrecord_key not in msg.content.array_records:
+                reason = f"no ArrayRecord '{self.arrayrecord_key}'"
             else:
-                if self.arrayrecord_key in msg.content.array_records:
-                    wire = msg.content.array_records[self.arrayrecord_key]
-                    round_log.comm_round.add_received(wire)
-                    self.comm.add_received(wire)
-                reason = check_reply(msg, self._expected, self.arrayrecord_key, self.weighted_by_key)  # type: ignore[attr-defined]
+                wire = msg.content.array_records[self.arrayrecord_key]
+                round_log.comm_round.add_received(wire)
+                self.comm.add_received(wire)
+                state = arrays_to_state(wire)
+                reason = check_reply(msg, state, self._expected, self.arrayrecord_key, self.weighted_by_key)  # type: ignore[attr-defined]
             if reason is not None:
                 round_log.rejected.append({"node": node, "partition": self.partitions.get(node), "reason": reason})
                 log(WARNING, "round %d: dropped the reply of node %d (partition %s): %s",
                     round_log.server_round, node, self.partitions.get(node), reason)
                 continue
-            msg.content[self.arrayrecord_key] = state_to_arrays(arrays_to_state(wire))
+            msg.content[self.arrayrecord_key] = state_to_arrays(state)
             metrics = next(iter(msg.content.metric_records.values()))
             round_log.client_losses.append(
                 {
