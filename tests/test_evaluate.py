@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from peft import LoraConfig, get_peft_model
 
+from flowertune_llm.evaluate.attention import batch_invariant, use_exact_batching
 from flowertune_llm.evaluate.cli import main as eval_main
 from flowertune_llm.evaluate.data import EvalDataError, by_category, load_questions
 from flowertune_llm.evaluate.protocol import (
@@ -16,7 +19,12 @@ from flowertune_llm.evaluate.protocol import (
     is_correct,
     parse_prediction,
 )
-from flowertune_llm.evaluate.runner import EvalModelError, check_peft_path, generate, load_model
+from flowertune_llm.evaluate.runner import (
+    EvalModelError,
+    check_peft_path,
+    generate,
+    load_model,
+)
 from tests.conftest import MMLU_DIR
 
 MMLU_TEST = MMLU_DIR / "mmlu_test.jsonl"
@@ -107,14 +115,56 @@ def test_adapter_for_another_base_model_is_refused(tmp_path: Path) -> None:
     check_peft_path(str(tmp_path), "/models/other-model")  # a local copy of the same model is fine
 
 
-def test_batched_generation_equals_one_prompt_at_a_time(smollm2_model_dir: Path) -> None:
+def _last_logits(model, tok, encoded: list[list[int]]) -> torch.Tensor:
+    width = max(len(ids) for ids in encoded)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def test_left_padded_batches_equal_one_prompt_at_a_time(smollm2_model_dir: Path) -> None:
     questions = by_category(load_questions(str(MMLU_TEST)), ["stem", "humanities"], limit=12)
     prompts = [build_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
     model, tok = load_model(str(smollm2_model_dir), None, 4, "cpu")
-    alone = [generate(model, tok, [p], 1, 1)[0] for p in prompts]
-    batched = generate(model, tok, prompts, 1, 8)
-    assert batched == alone
-    assert len(set(alone)) > 1  # a real model, not a constant
+    encoded = [tok(p).input_ids for p in prompts]
+    assert len({len(e) for e in encoded}) > 10  # the batches below really are padded
+
+    # Stock SDPA: padding changes the logits (the reason for padding-exact batching).
+    alone = torch.cat([_last_logits(model, tok, [e]) for e in encoded[:8]])
+    assert not torch.equal(_last_logits(model, tok, encoded[:8]), alone)
+
+    use_exact_batching(model)
+    assert torch.equal(torch.cat([_last_logits(model, tok, [e]) for e in encoded[:8]]), alone)  # solo = stock
+    assert torch.equal(_last_logits(model, tok, encoded[:8]), alone)  # padded batch = solo, bit for bit
+
+    one_by_one = [generate(model, tok, [p], 2, 1)[0] for p in prompts]
+    assert generate(model, tok, prompts, 2, 8) == one_by_one
+    assert len(set(one_by_one)) > 1  # a real model, not a constant
+
+    # With a (non-zero) DoRA adapter on top, as when scoring a checkpoint.
+    torch.manual_seed(0)
+    dora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False)).eval()
+    use_exact_batching(dora)
+    alone = torch.cat([_last_logits(dora, tok, [e]) for e in encoded[:8]])
+    assert torch.equal(_last_logits(dora, tok, encoded[:8]), alone)
+
+
+def test_full_precision_batches_are_exact_and_int8_falls_back_to_one_at_a_time(smollm2_model_dir: Path) -> None:
+    questions = by_category(load_questions(str(MMLU_TEST)), ["social_sciences"], limit=6)
+    prompts = [build_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
+    model, tok = load_model(str(smollm2_model_dir), None, 0, "cpu")
+    use_exact_batching(model)
+    encoded = [tok(p).input_ids for p in prompts]
+    alone = torch.cat([_last_logits(model, tok, [e]) for e in encoded])
+    assert torch.equal(_last_logits(model, tok, encoded), alone)
+
+    model, tok = load_model(str(smollm2_model_dir), None, 8, "cpu")
+    assert not batch_invariant(model)
+    one_by_one = [generate(model, tok, [p], 1, 1)[0] for p in prompts]
+    with pytest.warns(UserWarning, match="--batch-size 4: 8-bit"):
+        assert generate(model, tok, prompts, 1, 4) == one_by_one
 
 
 def test_cli_writes_leaderboard_files_and_scores_an_adapter(
