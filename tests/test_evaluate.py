@@ -23,6 +23,7 @@ from flowertune_llm.evaluate.runner import (
     EvalModelError,
     check_peft_path,
     generate,
+    left_pad,
     load_model,
 )
 from tests.conftest import MMLU_DIR
@@ -116,9 +117,7 @@ def test_adapter_for_another_base_model_is_refused(tmp_path: Path) -> None:
 
 
 def _last_logits(model, tok, encoded: list[list[int]]) -> torch.Tensor:
-    width = max(len(ids) for ids in encoded)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    ids, mask = left_pad(encoded, tok.pad_token_id)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
     return out.logits[:, -1]

@@ -46,12 +46,12 @@ def unpadded_sdpa_forward(
         raise ValueError(f"{EXACT_ATTENTION}: expected a 2-D padding mask, got shape {tuple(attention_mask.shape)}")
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    real = attention_mask.to(torch.bool).sum(dim=1).tolist()
+    real = attention_mask.sum(dim=1)
+    if not torch.equal(torch.arange(kv_len, device=real.device) >= kv_len - real[:, None], attention_mask.bool()):
+        raise ValueError(f"{EXACT_ATTENTION}: the batch is not left-padded")
     out = query.new_zeros(batch, q_len, query.shape[1], value.shape[-1])
-    for b, n in enumerate(real):
+    for b, n in enumerate(real.tolist()):
         start = kv_len - n
-        if not bool(attention_mask[b, start:].all()):
-            raise ValueError(f"{EXACT_ATTENTION}: sequence {b} is not left-padded")
         q_start = max(0, q_len - n)  # prefill: pad queries are skipped; decoding: the one query
         rows, _ = sdpa_attention_forward(
             module,
@@ -88,10 +88,13 @@ class RowwiseHead(nn.Module):
         return torch.cat([self.inner(x[i : i + 1]) for i in range(x.shape[0])])
 
 
+def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def batch_invariant(model: PreTrainedModel) -> bool:
     """False for LLM.int8 (8-bit) models: their fp16 outlier columns are picked over the whole batch."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quant = getattr(base.config, "quantization_config", None)
+    quant = getattr(_unwrapped(model).config, "quantization_config", None)
     if isinstance(quant, dict):
         quant = SimpleNamespace(**quant)
     return not (getattr(quant, "load_in_8bit", False) and getattr(quant, "llm_int8_threshold", 0) > 0)
@@ -99,7 +102,7 @@ def batch_invariant(model: PreTrainedModel) -> bool:
 
 def use_exact_batching(model: PreTrainedModel) -> None:
     """Make a (possibly PEFT-wrapped) causal LM give every prompt of a padded batch its solo result."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     base.set_attn_implementation(EXACT_ATTENTION)
     head = base.get_output_embeddings()
     if head is not None and not isinstance(head, RowwiseHead):

@@ -132,6 +132,16 @@ def load_model(
     return model, tokenizer
 
 
+def left_pad(
+    encoded: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded batch: (input_ids, attention_mask), padding on the left."""
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    return input_ids, mask
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -162,14 +172,10 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
-        attention_mask = torch.tensor(
-            [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=device
-        )
+        input_ids, attention_mask = left_pad([encoded[i] for i in idx], pad_id, device)
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
-        for i, tokens in zip(idx, out[:, width:]):
+        for i, tokens in zip(idx, out[:, input_ids.shape[1] :]):
             outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
         if progress is not None:
             progress.update(len(idx))
