@@ -9,7 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from flowertune_llm.evaluate.attention import batch_invariant, use_exact_batching
+from bitsandbytes.functional import has_avx512bf16
+
+from flowertune_llm.evaluate.attention import RowwiseHead, batch_invariant, use_exact_batching
 from flowertune_llm.evaluate.cli import main as eval_main
 from flowertune_llm.evaluate.data import EvalDataError, by_category, load_questions
 from flowertune_llm.evaluate.protocol import (
@@ -22,9 +24,11 @@ from flowertune_llm.evaluate.protocol import (
 from flowertune_llm.evaluate.runner import (
     EvalModelError,
     check_peft_path,
+    evaluate_questions,
     generate,
     left_pad,
     load_model,
+    probe_prompts,
 )
 from tests.conftest import MMLU_DIR
 
@@ -123,47 +127,96 @@ def _last_logits(model, tok, encoded: list[list[int]]) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-def test_left_padded_batches_equal_one_prompt_at_a_time(smollm2_model_dir: Path) -> None:
+def _answers(result) -> list[tuple[str, str]]:
+    return [(r["output"], r["letter_argmax"]) for c in result.categories.values() for r in c.records]
+
+
+def _probe_is_truthful(model, tok, questions, check) -> None:
+    """Recompute the probe's comparison with plain forward passes: it must agree with the verdict."""
+    prompts = [build_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
+    encoded = [tok(p).input_ids for p in prompts]
+    picked = sorted((encoded[i] for i in probe_prompts([len(e) for e in encoded], 12)), key=len)
+    batched = torch.cat([_last_logits(model, tok, picked[i : i + 8]) for i in range(0, len(picked), 8)])
+    alone = torch.cat([_last_logits(model, tok, [e]) for e in picked])
+    assert check.probe_prompts == len(picked) == 12
+    assert (check.mode == "exact") == torch.equal(batched, alone) == (check.differing == 0)
+
+
+@pytest.mark.parametrize("quantization", [4, 0], ids=["4bit+dora", "full-precision"])
+def test_batched_answers_equal_one_at_a_time_answers_on_this_device(
+    quantization: int, smollm2_model_dir: Path
+) -> None:
+    """The product's guarantee, whatever this CPU's kernels do: the answers a user gets are the solo ones."""
     questions = by_category(load_questions(str(MMLU_TEST)), ["stem", "humanities"], limit=12)
+    model, tok = load_model(str(smollm2_model_dir), None, quantization, "cpu")
+    if quantization == 4:  # as when scoring a checkpoint: a non-zero DoRA adapter on top
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False)).eval()
+    batched = evaluate_questions(model, tok, questions, batch_size=8, show_progress=False)
+    alone = evaluate_questions(model, tok, questions, batch_size=1, show_progress=False)
+    assert batched.batching.mode in ("exact", "one-at-a-time") and alone.batching.mode == "one-at-a-time"
+    assert _answers(batched) == _answers(alone)
+    assert len(set(_answers(alone))) > 1  # a real model, not a constant
+    _probe_is_truthful(model, tok, questions, batched.batching)
+
+
+@pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes' row-wise 4-bit CPU kernel needs AVX512-BF16; "
+                    "elsewhere 4-bit dequantizes and calls BLAS, whose results may depend on the batch")
+def test_4bit_padded_batches_are_bit_exact_with_the_row_wise_kernel(smollm2_model_dir: Path) -> None:
+    """Where no BLAS is involved (bnb's own 4-bit kernel, per-sequence SDPA, row-wise head), exactness holds."""
+    questions = by_category(load_questions(str(MMLU_TEST)), ["stem", "humanities"], limit=8)
     prompts = [build_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
     model, tok = load_model(str(smollm2_model_dir), None, 4, "cpu")
+    use_exact_batching(model)
     encoded = [tok(p).input_ids for p in prompts]
-    assert len({len(e) for e in encoded}) > 10  # the batches below really are padded
-
-    # Stock SDPA: padding changes the logits (the reason for padding-exact batching).
+    assert len({len(e) for e in encoded}) > 6  # the batch below really is padded
     alone = torch.cat([_last_logits(model, tok, [e]) for e in encoded[:8]])
-    assert not torch.equal(_last_logits(model, tok, encoded[:8]), alone)
-
-    use_exact_batching(model)
-    assert torch.equal(torch.cat([_last_logits(model, tok, [e]) for e in encoded[:8]]), alone)  # solo = stock
-    assert torch.equal(_last_logits(model, tok, encoded[:8]), alone)  # padded batch = solo, bit for bit
-
-    one_by_one = [generate(model, tok, [p], 2, 1)[0] for p in prompts]
-    assert generate(model, tok, prompts, 2, 8) == one_by_one
-    assert len(set(one_by_one)) > 1  # a real model, not a constant
-
-    # With a (non-zero) DoRA adapter on top, as when scoring a checkpoint.
-    torch.manual_seed(0)
-    dora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False)).eval()
-    use_exact_batching(dora)
-    alone = torch.cat([_last_logits(dora, tok, [e]) for e in encoded[:8]])
-    assert torch.equal(_last_logits(dora, tok, encoded[:8]), alone)
+    assert torch.equal(_last_logits(model, tok, encoded[:8]), alone)
+    assert generate(model, tok, prompts, 2, 8) == [generate(model, tok, [p], 2, 1)[0] for p in prompts]
 
 
-def test_full_precision_batches_are_exact_and_int8_falls_back_to_one_at_a_time(smollm2_model_dir: Path) -> None:
+def test_int8_scores_one_prompt_at_a_time(smollm2_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     questions = by_category(load_questions(str(MMLU_TEST)), ["social_sciences"], limit=6)
-    prompts = [build_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
-    model, tok = load_model(str(smollm2_model_dir), None, 0, "cpu")
-    use_exact_batching(model)
-    encoded = [tok(p).input_ids for p in prompts]
-    alone = torch.cat([_last_logits(model, tok, [e]) for e in encoded])
-    assert torch.equal(_last_logits(model, tok, encoded), alone)
-
     model, tok = load_model(str(smollm2_model_dir), None, 8, "cpu")
     assert not batch_invariant(model)
-    one_by_one = [generate(model, tok, [p], 1, 1)[0] for p in prompts]
-    with pytest.warns(UserWarning, match="--batch-size 4: 8-bit"):
-        assert generate(model, tok, prompts, 1, 4) == one_by_one
+    result = evaluate_questions(model, tok, questions, batch_size=4, show_progress=False)
+    assert "--batch-size 4: 8-bit (LLM.int8)" in caplog.text
+    assert (result.batching.mode, result.batching.batch_size, result.batching.probe_prompts) == ("one-at-a-time", 1, 0)
+
+
+def test_a_probe_that_disagrees_falls_back_to_one_at_a_time(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A layer whose rows depend on the batch (as some BLAS kernels do): the check must catch it."""
+    args = ["--base-model-name-path", str(tiny_llama_dir), "--data", str(MMLU_TEST), "--limit", "4",
+            "--no-progress", "--device", "cpu"]
+    assert eval_main([*args, "--batch-size", "1", "--output-dir", str(tmp_path / "solo")]) == 0
+    solo = json.loads((tmp_path / "solo" / "results.json").read_text())
+    assert solo["batching"] == "one-at-a-time"
+
+    def batch_dependent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + 1e-3 * (x.shape[0] - 1)  # solo rows unchanged, batched rows shifted
+
+    monkeypatch.setattr(RowwiseHead, "forward", batch_dependent)
+    capsys.readouterr()
+    assert eval_main([*args, "--batch-size", "4", "--output-dir", str(tmp_path / "fallback")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "batching check" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: batching check: 6 of 6 probe prompts")
+    assert "scoring one prompt at a time" in lines[0]
+    fallback = json.loads((tmp_path / "fallback" / "results.json").read_text())
+    assert fallback["batching"] == "one-at-a-time"
+    check = fallback["batching_check"]
+    assert (check["probe_prompts"], check["differing"], check["batch_size"]) == (6, 6, 1)
+    assert check["max_abs_diff"] == pytest.approx(3e-3, rel=1e-2)  # a batch of 4 rows: shifted by 3e-3
+    for cat in ("stem", "social_sciences", "humanities"):  # the answers are the solo ones
+        name = f"generation_mmlu_{cat}_fl.jsonl"
+        assert (tmp_path / "fallback" / name).read_text() == (tmp_path / "solo" / name).read_text()
+
+    assert eval_main([*args, "--batch-size", "4", "--allow-inexact-batching", "--output-dir", str(tmp_path / "k")]) == 0
+    kept = json.loads((tmp_path / "k" / "results.json").read_text())
+    assert (kept["batching"], kept["batching_check"]["batch_size"]) == ("inexact", 4)
+    assert "keeping batches of 4" in capsys.readouterr().err
 
 
 def test_cli_writes_leaderboard_files_and_scores_an_adapter(
@@ -189,7 +242,12 @@ def test_cli_writes_leaderboard_files_and_scores_an_adapter(
         assert len(lines) == 3 and {"prompt", "gold", "output", "correct"} <= set(json.loads(lines[0]))
     summary = json.loads((out / "results.json").read_text())
     assert summary["questions"] == 9 and summary["average"] is not None
-    assert json.loads(capsys.readouterr().out)["questions"] == 9
+    assert summary["batching"] in ("exact", "one-at-a-time")
+    diag = summary["diagnostics"]
+    assert "not leaderboard figures" in diag["note"]
+    assert set(diag["categories"]["stem"]) >= {"valid_letter_rate", "letter_ceiling", "predicted_letters", "gold_letters"}
+    printed = capsys.readouterr().out
+    assert "diagnostics, not leaderboard figures" in printed and "results.json" in printed
 
 
 def test_cli_bad_category_fails_before_loading_a_model(tmp_path: Path, capsys) -> None:

@@ -1,15 +1,18 @@
-"""`evaluate_mmlu(...)`: the whole evaluation as one Python call (CLI and server use it)."""
+"""`evaluate_mmlu(...)`: the whole evaluation as one Python call; `AdapterScorer`: the same per round."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from flowertune_llm.evaluate.data import DEFAULT_DATA, by_category, load_questions
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+from flowertune_llm.evaluate.data import DEFAULT_DATA, Question, by_category, load_questions
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.evaluate.runner import EvalResult, evaluate_questions, load_model, write_outputs
 from flowertune_llm.gguf import resolve_model_path
 from flowertune_llm.hub import require_hub_or_cache
-from flowertune_llm.models import default_device
+from flowertune_llm.models import AdapterState, default_device
 
 
 def evaluate_mmlu(
@@ -24,6 +27,7 @@ def evaluate_mmlu(
     output_dir: Path | None = None,
     run_name: str = "fl",
     show_progress: bool = True,
+    allow_inexact_batching: bool = False,
 ) -> EvalResult:
     """Score a base model (+ adapter) on MMLU categories; write the leaderboard files if asked."""
     questions = by_category(load_questions(data), list(categories), limit)  # cheap checks first
@@ -32,7 +36,7 @@ def evaluate_mmlu(
     device = device or default_device()
     model_path = resolve_model_path(base_model)
     model, tokenizer = load_model(model_path, peft_path, quantization, device)
-    result = evaluate_questions(model, tokenizer, questions, batch_size, show_progress)
+    result = evaluate_questions(model, tokenizer, questions, batch_size, show_progress, allow_inexact_batching)
     if output_dir is not None:
         extra = {
             "base_model": base_model,
@@ -45,3 +49,40 @@ def evaluate_mmlu(
         }
         write_outputs(result, run_name, Path(output_dir), extra)
     return result
+
+
+class AdapterScorer:
+    """The protocol's base model, loaded once per process; each `score` swaps in an adapter state.
+
+    This is what `flowertune-eval --peft-path` computes for a saved checkpoint (same loading, same
+    batched generation and parsing), without reloading the base model every round.
+    """
+
+    def __init__(self, base_model: str, peft_config: LoraConfig, quantization: int = 4, device: str | None = None) -> None:
+        self.base_model = base_model
+        self.peft_config = peft_config
+        self.quantization = quantization
+        self.device = device or default_device()
+        self._model: PeftModel | None = None
+        self._tokenizer = None
+
+    def _load(self) -> PeftModel:
+        model, self._tokenizer = load_model(resolve_model_path(self.base_model), None, self.quantization, self.device)
+        config = copy.deepcopy(self.peft_config)
+        config.inference_mode = True  # as PeftModel.from_pretrained loads a checkpoint
+        return get_peft_model(model, config).eval()
+
+    def score(
+        self,
+        state: AdapterState,
+        questions: dict[str, list[Question]],
+        batch_size: int = 16,
+        allow_inexact_batching: bool = False,
+    ) -> EvalResult:
+        """Protocol accuracy and diagnostics of the base model with adapter `state`."""
+        if self._model is None:
+            self._model = self._load()
+        set_peft_model_state_dict(self._model, {k: v.to(self.device) for k, v in state.items()})
+        return evaluate_questions(
+            self._model, self._tokenizer, questions, batch_size, False, allow_inexact_batching
+        )

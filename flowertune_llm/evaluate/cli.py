@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
 from pathlib import Path
 
@@ -32,11 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="first N questions per category")
     parser.add_argument("--output-dir", default="benchmarks", help="where result files go")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--allow-inexact-batching", action="store_true",
+                        help="keep batches even when the on-device check finds that they change answers")
     return parser
+
+
+def log_warnings_as_lines() -> None:
+    """Print the evaluation's warnings (e.g. the batching check's) as one 'warning: ...' line each."""
+    logger = logging.getLogger("flowertune_llm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation from parsed flags; print the scores; 2 on bad input."""
+    log_warnings_as_lines()
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         print("error: --batch-size and --limit must be >= 1", file=sys.stderr)
         return 2
@@ -53,11 +66,13 @@ def run(args: argparse.Namespace) -> int:
             output_dir=Path(args.output_dir),
             run_name=args.run_name,
             show_progress=not args.no_progress,
+            allow_inexact_batching=args.allow_inexact_batching,
         )
     except (ConfigError, EvalDataError, EvalModelError, GgufError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result.summary(), indent=2))
+    print(result.report())
+    print(f"results: {Path(args.output_dir) / 'results.json'}")
     return 0
 
 

@@ -1,9 +1,10 @@
-"""MMLU test questions from the hub or local files (Hendrycks CSV or jsonl), by category."""
+"""MMLU questions (test or validation split) from the hub or local files (Hendrycks CSV or jsonl)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from flowertune_llm.evaluate.protocol import MMLU_CATEGORIES, SUBJECT_TO_CATEGOR
 
 DEFAULT_DATA = "cais/mmlu"
 LETTERS = ("A", "B", "C", "D")
+#: Split name -> (jsonl glob, Hendrycks CSV glob) that find its files in a local folder.
+SPLIT_FILES = {"test": ("*test*.jsonl", "*_test.csv"), "validation": ("*val*.jsonl", "*_val.csv")}
 
 
 class EvalDataError(ValueError):
@@ -60,7 +63,7 @@ def _read_jsonl(path: Path) -> list[Question]:
 
 
 def _read_hendrycks_csv(path: Path) -> list[Question]:
-    subject = path.stem.removesuffix("_test")
+    subject = path.stem.removesuffix("_test").removesuffix("_val").removesuffix("_dev")
     out = []
     with open(path, encoding="utf-8", newline="") as fh:
         for lineno, row in enumerate(csv.reader(fh), 1):
@@ -72,39 +75,45 @@ def _read_hendrycks_csv(path: Path) -> list[Question]:
     return out
 
 
-def _local_files(path: Path) -> list[Path]:
+def named(key: str, value: object) -> str:
+    """How an error names what the user passed: '--data X' for a flag, "eval.data='X'" for a config key."""
+    return f"{key} {value}" if key.startswith("--") else f"{key}={str(value)!r}"
+
+
+def _local_files(path: Path, split: str, key: str) -> list[Path]:
     if path.is_file():
         return [path]
-    tests = sorted(path.rglob("*test*.jsonl")) or sorted(path.rglob("*_test.csv"))
-    if not tests:
-        raise EvalDataError(f"--data {path}: no '*test*.jsonl' or '<subject>_test.csv' file found")
-    return tests
+    jsonl, csv_glob = SPLIT_FILES[split]
+    files = sorted(path.rglob(jsonl)) or sorted(path.rglob(csv_glob))
+    if not files:
+        raise EvalDataError(f"{named(key, path)}: no '{jsonl}' or '{csv_glob.replace('*', '<subject>')}' file found")
+    return files
 
 
-def load_questions(data: str = DEFAULT_DATA) -> list[Question]:
-    """All test questions from a hub id or a local file/folder."""
+def load_questions(data: str = DEFAULT_DATA, split: str = "test", key: str = "--data") -> list[Question]:
+    """All questions of a split from a hub id, or from a local file (any split) or folder."""
     path = Path(data).expanduser()
     if path.exists():
         questions: list[Question] = []
-        for file in _local_files(path):
+        for file in _local_files(path, split, key):
             reader = _read_hendrycks_csv if file.suffix == ".csv" else _read_jsonl
             try:
                 questions.extend(reader(file))
             except (OSError, UnicodeDecodeError) as exc:
-                raise EvalDataError(f"--data {file}: unreadable ({exc})") from exc
+                raise EvalDataError(f"{named(key, file)}: unreadable ({exc})") from exc
         return questions
     if data.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".csv", ".json"):
-        raise EvalDataError(f"--data {data}: no such file or folder")
+        raise EvalDataError(f"{named(key, data)}: no such file or folder")
     from datasets import load_dataset
 
     from flowertune_llm.hub import require_hub_or_cache
 
-    require_hub_or_cache("--data", data, "dataset")
+    require_hub_or_cache(key, data, "dataset")
     try:
-        dataset = load_dataset(data, "all", split="test")
+        dataset = load_dataset(data, "all", split=split)
     except Exception as exc:
         raise EvalDataError(
-            f"--data {data}: cannot load from the hub or cache ({type(exc).__name__}: {exc}); "
+            f"{named(key, data)}: cannot load its {split} split from the hub or cache ({type(exc).__name__}: {exc}); "
             "pass a local MMLU folder or jsonl file"
         ) from exc
     return [_from_record(rec, data) for rec in dataset]
@@ -129,4 +138,20 @@ def by_category(
             raise EvalDataError(f"category {cat!r}: no questions in the data")
         if limit is not None:
             out[cat] = items[:limit]
+    return out
+
+
+def stratified_sample(
+    questions: dict[str, list[Question]], total: int, seed: int = 0
+) -> dict[str, list[Question]]:
+    """`total // categories` questions of each category, drawn with a fixed seed, in source order.
+
+    A category with fewer questions keeps them all. The same data and seed give the same
+    questions every time, so evaluations over rounds (and of a resumed run) stay comparable.
+    """
+    quota = max(1, total // len(questions))
+    out = {}
+    for cat, items in questions.items():
+        keep = sorted(random.Random(f"{seed}:{cat}").sample(range(len(items)), min(quota, len(items))))
+        out[cat] = [items[i] for i in keep]
     return out

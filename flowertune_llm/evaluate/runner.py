@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
-import warnings
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,13 +22,22 @@ from transformers import (
 )
 
 from flowertune_llm.evaluate.attention import batch_invariant, use_exact_batching
-from flowertune_llm.evaluate.data import Question
+from flowertune_llm.evaluate.data import LETTERS, Question
 from flowertune_llm.evaluate.protocol import (
     LEADERBOARD_CATEGORIES,
     build_prompt,
     is_correct,
     parse_prediction,
 )
+
+#: What results.json and the printout say about the answer diagnostics.
+DIAGNOSTICS_NOTE = (
+    "diagnostics, not leaderboard figures: valid_letter_rate = share of outputs that parse to a-d; "
+    "letter_ceiling = accuracy of the argmax over the A/B/C/D logits at the answer position"
+)
+
+
+LOG = logging.getLogger("flowertune_llm.evaluate")
 
 
 class EvalModelError(ValueError):
@@ -36,7 +46,7 @@ class EvalModelError(ValueError):
 
 @dataclass
 class CategoryResult:
-    """Accuracy and generations of one category."""
+    """Accuracy, answer diagnostics and generations of one category."""
 
     category: str
     correct: int
@@ -48,20 +58,60 @@ class CategoryResult:
         """correct / questions in the category."""
         return self.correct / self.total if self.total else 0.0
 
+    def _share(self, hit) -> float:  # noqa: ANN001
+        return sum(1 for r in self.records if hit(r)) / len(self.records) if self.records else 0.0
+
+    @property
+    def valid_letter_rate(self) -> float:
+        """Share of outputs the protocol's parser turns into a, b, c or d (format, not knowledge)."""
+        return self._share(lambda r: r["prediction"] in ("a", "b", "c", "d"))
+
+    @property
+    def letter_ceiling(self) -> float:
+        """Accuracy if the model always answered with its most likely option letter."""
+        return self._share(lambda r: r["letter_argmax"] == r["gold"])
+
+    def diagnostics(self) -> dict:
+        """Valid-letter rate, letter ceiling, predicted vs gold letters, the commonest outputs."""
+        preds = Counter(r["prediction"] if r["prediction"] in ("a", "b", "c", "d") else "other" for r in self.records)
+        gold = Counter(r["gold"].lower() for r in self.records)
+        n = max(len(self.records), 1)
+        return {
+            "valid_letter_rate": self.valid_letter_rate,
+            "letter_ceiling": self.letter_ceiling,
+            "predicted_letters": {k: preds[k] / n for k in ("a", "b", "c", "d", "other")},
+            "gold_letters": {k: gold[k] / n for k in ("a", "b", "c", "d")},
+            "top_outputs": Counter(r["output"] for r in self.records).most_common(3),
+        }
+
 
 @dataclass
 class EvalResult:
-    """All categories of one evaluation, with timing."""
+    """All categories of one evaluation, with timing and how batching was checked."""
 
     categories: dict[str, CategoryResult]
     wall_time_s: float
+    batching: BatchingCheck | None = None
+
+    def _mean(self, attr: str) -> float | None:
+        if not all(c in self.categories for c in LEADERBOARD_CATEGORIES):
+            return None
+        return sum(getattr(self.categories[c], attr) for c in LEADERBOARD_CATEGORIES) / 3
 
     @property
     def average(self) -> float | None:
         """Leaderboard average: mean of STEM, social sciences, humanities (None if one is missing)."""
-        if not all(c in self.categories for c in LEADERBOARD_CATEGORIES):
-            return None
-        return sum(self.categories[c].accuracy for c in LEADERBOARD_CATEGORIES) / 3
+        return self._mean("accuracy")
+
+    @property
+    def valid_letter_rate(self) -> float | None:
+        """Mean valid-letter rate of the three leaderboard categories (diagnostic)."""
+        return self._mean("valid_letter_rate")
+
+    @property
+    def letter_ceiling(self) -> float | None:
+        """Mean letter ceiling of the three leaderboard categories (diagnostic)."""
+        return self._mean("letter_ceiling")
 
     def summary(self) -> dict:
         """Machine-readable figures (no generations)."""
@@ -72,10 +122,37 @@ class EvalResult:
                 for name, c in self.categories.items()
             },
             "average": self.average,
+            "diagnostics": {
+                "note": DIAGNOSTICS_NOTE,
+                "average": {"valid_letter_rate": self.valid_letter_rate, "letter_ceiling": self.letter_ceiling},
+                "categories": {name: c.diagnostics() for name, c in self.categories.items()},
+            },
+            "batching": self.batching.mode if self.batching else None,
+            "batching_check": self.batching.to_dict() if self.batching else None,
             "questions": total,
             "wall_time_s": round(self.wall_time_s, 3),
             "questions_per_s": round(total / self.wall_time_s, 3) if self.wall_time_s else None,
         }
+
+    def report(self) -> str:
+        """The human-readable summary: official scores, then the diagnostics, labelled as such."""
+        lines = [f"{'category':<16} {'accuracy':>8}   | {'letters':>7} {'ceiling':>7}  predicted a/b/c/d/other (gold a/b/c/d)"]
+        rows = [(n, c.accuracy, c.valid_letter_rate, c.letter_ceiling, c.diagnostics()) for n, c in self.categories.items()]
+        for name, acc, valid, ceiling, diag in rows:
+            pred = "/".join(f"{100 * v:.0f}" for v in diag["predicted_letters"].values())
+            gold = "/".join(f"{100 * v:.0f}" for v in diag["gold_letters"].values())
+            lines.append(f"{name:<16} {100 * acc:>8.2f}   | {100 * valid:>6.1f}% {100 * ceiling:>7.2f}  {pred} ({gold})")
+        if self.average is not None:
+            lines.append(
+                f"{'average':<16} {100 * self.average:>8.2f}   | {100 * self.valid_letter_rate:>6.1f}% "
+                f"{100 * self.letter_ceiling:>7.2f}"
+            )
+        lines.append(f"accuracy = the leaderboard's figure; right of '|': {DIAGNOSTICS_NOTE}")
+        if self.batching is not None:
+            b = self.batching
+            probe = f", probe: {b.differing} of {b.probe_prompts} prompts differ" if b.probe_prompts else ""
+            lines.append(f"batching: {b.mode} (batch size {b.batch_size}{probe})")
+        return "\n".join(lines)
 
 
 def _same_base(adapter_base: str, base: str) -> bool:
@@ -142,6 +219,57 @@ def left_pad(
     return input_ids, mask
 
 
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token each option letter starts with, as the model would write it at the answer position."""
+    return [tokenizer(letter, add_special_tokens=False).input_ids[0] for letter in LETTERS]
+
+
+def generate_with_logits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: tqdm | None = None,
+    columns: Sequence[int] | None = None,
+) -> tuple[list[str], torch.Tensor]:
+    """Greedy continuations, plus the logits at the answer position (first new token), in prompt order.
+
+    Prompts are sorted by token length and left-padded in batches of `batch_size`, with
+    padding-exact attention and a row-wise output layer (`attention.use_exact_batching`), so a
+    prompt's answer does not depend on its batch where the device's kernels allow it (see
+    `check_batching`). `columns` keeps only those vocabulary entries of the logits (all if None):
+    the letter ceiling needs four of them, from this same forward pass.
+    """
+    use_exact_batching(model)
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    outputs: list[str] = [""] * len(prompts)
+    first: torch.Tensor | None = None
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        input_ids, attention_mask = left_pad([encoded[i] for i in idx], pad_id, device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
+        logits = out.logits[0].float()
+        if columns is not None:
+            logits = logits[:, list(columns)]
+        if first is None:
+            first = torch.empty(len(prompts), logits.shape[1])
+        first[idx] = logits.cpu()
+        for i, tokens in zip(idx, out.sequences[:, input_ids.shape[1] :]):
+            outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+        if progress is not None:
+            progress.update(len(idx))
+    return outputs, first if first is not None else torch.empty(0, 0)
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -150,36 +278,84 @@ def generate(
     batch_size: int,
     progress: tqdm | None = None,
 ) -> list[str]:
-    """Greedy continuations of `prompts` in left-padded batches that equal one prompt at a time.
+    """Greedy continuations of `prompts` in left-padded batches (see `generate_with_logits`)."""
+    return generate_with_logits(model, tokenizer, prompts, max_new_tokens, batch_size, progress)[0]
 
-    Prompts are sorted by token length so a batch needs little padding, and the model is switched
-    to padding-exact batching (`attention.use_exact_batching`): stock SDPA with padding changed
-    logits by up to 0.3 on the bf16-rounding CPU 4-bit kernel and flipped about 1% of predictions.
+
+@dataclass(frozen=True)
+class BatchingCheck:
+    """What the on-device probe found, and so how the questions were scored."""
+
+    mode: str  # "exact" | "one-at-a-time" | "inexact"
+    batch_size: int  # the batch size the scoring used
+    requested_batch_size: int
+    probe_prompts: int = 0
+    differing: int = 0  # probe prompts whose answer-position logits differ batched vs alone
+    max_abs_diff: float = 0.0
+    flipped: int = 0  # probe prompts whose greedy answer token differs
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-friendly view for results.json."""
+        return asdict(self)
+
+
+def probe_prompts(encoded_lengths: Sequence[int], count: int) -> list[int]:
+    """Indices of `count` prompts spread evenly over the token lengths (so probe batches are padded)."""
+    order = sorted(range(len(encoded_lengths)), key=lambda i: encoded_lengths[i])
+    if count >= len(order):
+        return order
+    step = (len(order) - 1) / max(count - 1, 1)
+    return [order[round(k * step)] for k in range(count)]
+
+
+def check_batching(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int,
+    allow_inexact: bool = False,
+) -> BatchingCheck:
+    """Decide, on this device, whether batches give the one-at-a-time answers; fall back if not.
+
+    Batched and solo answers are equal only where the device's kernels compute a row the same way
+    whatever the batch (BLAS, bitsandbytes and cuBLAS choose kernels by shape and CPU), so this
+    is measured, not assumed: a batch and a half of the run's own prompts, spread over their
+    lengths, is scored batched and one at a time, and the answer-position logits are compared
+    bit for bit. Any difference means one prompt at a time (or, with `allow_inexact`, batches
+    kept and the result marked "inexact").
     """
-    if batch_size > 1 and not batch_invariant(model):
-        warnings.warn(
-            f"--batch-size {batch_size}: 8-bit (LLM.int8) models choose their outlier columns over the "
-            "whole batch, so batched answers could differ from one prompt at a time; using 1",
-            stacklevel=2,
-        )
-        batch_size = 1
-    use_exact_batching(model)
-    encoded = [tokenizer(p).input_ids for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-    outputs: list[str] = [""] * len(prompts)
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        input_ids, attention_mask = left_pad([encoded[i] for i in idx], pad_id, device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
-        for i, tokens in zip(idx, out[:, input_ids.shape[1] :]):
-            outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-        if progress is not None:
-            progress.update(len(idx))
-    return outputs
+    if batch_size <= 1 or len(prompts) <= 1:
+        return BatchingCheck("one-at-a-time", 1, batch_size, reason="batch size 1")
+    if not batch_invariant(model):
+        reason = "8-bit (LLM.int8) picks its outlier columns over the whole batch"
+        if allow_inexact:
+            return BatchingCheck("inexact", batch_size, batch_size, reason=reason)
+        LOG.warning("--batch-size %d: %s; scoring one prompt at a time", batch_size, reason)
+        return BatchingCheck("one-at-a-time", 1, batch_size, reason=reason)
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    picked = [prompts[i] for i in probe_prompts(lengths, batch_size + max(1, batch_size // 2))]
+    _, batched = generate_with_logits(model, tokenizer, picked, 1, batch_size)
+    _, alone = generate_with_logits(model, tokenizer, picked, 1, 1)
+    differing = int((batched != alone).any(dim=1).sum())
+    figures = {
+        "probe_prompts": len(picked),
+        "differing": differing,
+        "max_abs_diff": float((batched - alone).abs().max()),
+        "flipped": int((batched.argmax(dim=1) != alone.argmax(dim=1)).sum()),
+    }
+    if differing == 0:
+        return BatchingCheck("exact", batch_size, batch_size, **figures)
+    line = (
+        f"batching check: {differing} of {len(picked)} probe prompts give other answer-position logits "
+        f"batched than one at a time on this device (largest difference {figures['max_abs_diff']:.3g}, "
+        f"{figures['flipped']} predictions flipped); "
+    )
+    if allow_inexact:
+        LOG.warning("%skeeping batches of %d (--allow-inexact-batching)", line, batch_size)
+        return BatchingCheck("inexact", batch_size, batch_size, **figures, reason="probe differed")
+    LOG.warning("%sscoring one prompt at a time (--allow-inexact-batching keeps the batches)", line)
+    return BatchingCheck("one-at-a-time", 1, batch_size, **figures, reason="probe differed")
 
 
 def evaluate_questions(
@@ -188,38 +364,43 @@ def evaluate_questions(
     questions: dict[str, list[Question]],
     batch_size: int = 16,
     show_progress: bool = True,
+    allow_inexact_batching: bool = False,
 ) -> EvalResult:
-    """Run the protocol on each category; generations and scores per question."""
+    """Run the protocol on each category: generations, scores and answer diagnostics per question."""
     start = time.perf_counter()
-    results: dict[str, CategoryResult] = {}
-    total = sum(len(q) for q in questions.values())
-    with tqdm(total=total, desc="MMLU", unit="q", disable=not show_progress) as bar:
-        for category, items in questions.items():
-            bar.set_postfix_str(category)
-            prompts = [build_prompt(q.question, list(q.options)) for q in items]
-            # max_new_tokens = tokens of the gold letter (1 for SmolLM2); group equal lengths.
-            lengths = [len(tokenizer(q.answer, add_special_tokens=False).input_ids) for q in items]
-            outputs = [""] * len(items)
-            for length in sorted(set(lengths)):
-                sel = [i for i, n in enumerate(lengths) if n == length]
-                got = generate(model, tokenizer, [prompts[i] for i in sel], length, batch_size, bar)
-                for i, text in zip(sel, got):
-                    outputs[i] = text
-            records = [
-                {
-                    "subject": q.subject,
-                    "prompt": prompt,
-                    "gold": q.answer,
-                    "output": out,
-                    "prediction": parse_prediction(out),
-                    "correct": is_correct(out, q.answer),
-                }
-                for q, prompt, out in zip(items, prompts, outputs)
-            ]
-            results[category] = CategoryResult(
-                category, sum(r["correct"] for r in records), len(records), records
+    items = [(category, q) for category, qs in questions.items() for q in qs]
+    prompts = [build_prompt(q.question, list(q.options)) for _, q in items]
+    check = check_batching(model, tokenizer, prompts, batch_size, allow_inexact_batching)
+    letters = letter_token_ids(tokenizer)
+    # max_new_tokens = tokens of the gold letter (1 for SmolLM2); group equal lengths.
+    new_tokens = [len(tokenizer(q.answer, add_special_tokens=False).input_ids) for _, q in items]
+    outputs = [""] * len(items)
+    letter_logits = torch.empty(len(items), len(letters))
+    with tqdm(total=len(items), desc="MMLU", unit="q", disable=not show_progress) as bar:
+        for length in sorted(set(new_tokens)):
+            sel = [i for i, n in enumerate(new_tokens) if n == length]
+            texts, logits = generate_with_logits(
+                model, tokenizer, [prompts[i] for i in sel], length, check.batch_size, bar, letters
             )
-    return EvalResult(results, time.perf_counter() - start)
+            for i, text, row in zip(sel, texts, logits):
+                outputs[i] = text
+                letter_logits[i] = row
+    results: dict[str, CategoryResult] = {c: CategoryResult(c, 0, 0) for c in questions}
+    for (category, q), prompt, out, row in zip(items, prompts, outputs, letter_logits):
+        record = {
+            "subject": q.subject,
+            "prompt": prompt,
+            "gold": q.answer,
+            "output": out,
+            "prediction": parse_prediction(out),
+            "correct": is_correct(out, q.answer),
+            "letter_argmax": LETTERS[int(row.argmax())],  # the letter ceiling's answer (diagnostic)
+        }
+        cat = results[category]
+        cat.records.append(record)
+        cat.correct += record["correct"]
+        cat.total += 1
+    return EvalResult(results, time.perf_counter() - start, check)
 
 
 def write_outputs(result: EvalResult, run_name: str, output_dir: Path, extra: dict) -> Path:
