@@ -31,6 +31,11 @@ RESUME_MAY_CHANGE = {
     "train.save_every_round",
     "strategy.fraction_evaluate",
     "comm.tensorboard",
+    "eval.every_round",
+    "eval.questions",
+    "eval.data",
+    "eval.batch_size",
+    "eval.allow_inexact_batching",
 }
 
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flowertune_llm.prompts import PROMPT_TEMPLATES
+
 #: The datasets the FlowerTune General-NLP leaderboard trains on (same rows, two hub copies).
 LEADERBOARD_DATASETS = ("vicgalle/alpaca-gpt4", "flwrlabs/alpaca-gpt4")
 #: The number of SuperNodes the leaderboard allows.
@@ -67,6 +69,7 @@ class TrainSettings:
     seed: int
     output_dir: str
     resume_from: str  # "" = fresh run; else a peft_<N> folder or a run folder
+    prompt_template: str  # "alpaca", "chat" or "qa" (see prompts.py)
     training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
 
 
@@ -76,6 +79,26 @@ class CommSettings:
 
     dtype: str  # "float32" (reference figures) or "bf16" (half the bytes)
     tensorboard: bool
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The server's in-training MMLU evaluation (official protocol, validation split)."""
+
+    every_round: int  # 0 = off; else rounds 0, N, 2N, ... and the last
+    questions: int  # stratified: questions // 3 per leaderboard category
+    data: str  # hub id (its validation split) or a local MMLU file or folder
+    batch_size: int
+    allow_inexact_batching: bool
+
+    @property
+    def enabled(self) -> bool:
+        """True when the run evaluates at all."""
+        return self.every_round > 0
+
+    def due(self, server_round: int, num_rounds: int) -> bool:
+        """Whether the global adapter after `server_round` is evaluated (0 = the untrained one)."""
+        return self.enabled and (server_round % self.every_round == 0 or server_round == num_rounds)
 
 
 #: strategy.name -> the strategy's own hyper-parameter keys (under strategy.) and kwarg names.
@@ -120,6 +143,7 @@ class Config:
     strategy: StrategySettings
     comm: CommSettings
     dp: DPSettings
+    eval: EvalSettings
 
     @property
     def is_leaderboard_dataset(self) -> bool:
@@ -259,6 +283,7 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
         seed=_as_int(run_config, "train.seed", minimum=0),
         output_dir=_as_str(run_config, "train.output-dir"),
         resume_from=_as_str(run_config, "train.resume-from", allow_empty=True),
+        prompt_template=_choice(run_config, "train.prompt-template", PROMPT_TEMPLATES),
         training_arguments=_training_arguments(run_config),
     )
     if not 0.0 <= train.learning_rate_min <= train.learning_rate_max:
@@ -282,6 +307,13 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
             tensorboard=_as_bool(run_config, "metrics.tensorboard"),
         ),
         dp=_dp(run_config),
+        eval=EvalSettings(
+            every_round=_as_int(run_config, "eval.every-round", minimum=0),
+            questions=_as_int(run_config, "eval.questions", minimum=3),
+            data=_as_str(run_config, "eval.data"),
+            batch_size=_as_int(run_config, "eval.batch-size", minimum=1),
+            allow_inexact_batching=_as_bool(run_config, "eval.allow-inexact-batching"),
+        ),
     )
 
 

@@ -1,43 +1,20 @@
-"""alpaca-gpt4 (hub id or local file/folder) -> IID partitions -> prompt/completion rows."""
+"""alpaca-gpt4 (hub id or local file/folder) -> IID partitions -> prompt/completion rows (see prompts.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from datasets import Dataset
 
 from flowertune_llm.config import ConfigError
 from flowertune_llm.hub import require_hub_or_cache
+from flowertune_llm.prompts import to_prompt_completion
 
 REQUIRED_COLUMNS = ("instruction", "input", "output")
 DATASET_KEY = "static.dataset.name"
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-#: The Alpaca prompt. Unlike the original FlowerTune template, the ``input`` text is kept.
-PROMPT_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-
-
-def build_prompt(instruction: str, input_text: str = "") -> str:
-    """The Alpaca prompt up to and including the response header (training and inference)."""
-    parts = [PROMPT_PREAMBLE, f"### Instruction:\n{instruction.strip()}"]
-    if input_text and input_text.strip():
-        parts.append(f"### Input:\n{input_text.strip()}")
-    parts.append("### Response:\n")
-    return "\n\n".join(parts)
-
-
-def to_prompt_completion(row: dict[str, str]) -> dict[str, str]:
-    """Turn an alpaca row into TRL's prompt-completion form (loss on the completion only)."""
-    return {
-        "prompt": build_prompt(row["instruction"], row.get("input") or ""),
-        "completion": row["output"].strip(),
-    }
-
 
 @dataclass(frozen=True)
 class DatasetSource:
@@ -128,8 +105,10 @@ def validate_dataset(name: str) -> int:
 
 
 @lru_cache(maxsize=8)
-def load_partition(name: str, partition_id: int, num_partitions: int, seed: int) -> Dataset:
-    """One client's IID share in prompt-completion form (cached per process)."""
+def load_partition(
+    name: str, partition_id: int, num_partitions: int, seed: int, template: str = "alpaca"
+) -> Dataset:
+    """One client's IID share in prompt-completion form for a prompt template (cached per process)."""
     partition = federated_dataset(name, num_partitions, seed).load_partition(partition_id, "train")
     check_columns(partition, name)
-    return partition.map(to_prompt_completion, remove_columns=partition.column_names)
+    return partition.map(partial(to_prompt_completion, template=template), remove_columns=partition.column_names)

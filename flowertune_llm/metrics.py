@@ -52,21 +52,35 @@ def format_duration(seconds: float) -> str:
 
 
 def plot_loss(run_dir: Path, title: str) -> Path:
-    """Draw `loss.png` (weighted train loss per round) from a run's metrics.jsonl, atomically."""
+    """Draw `loss.png` from metrics.jsonl, atomically: train loss per round, and (when the run
+    evaluates) validation MMLU accuracy under the protocol with its letter diagnostics."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rows = [m for m in read_metrics(run_dir) if m.get("train_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    metrics = read_metrics(run_dir)
+    rows = [m for m in metrics if m.get("train_loss") is not None]
+    evals = [m for m in metrics if m.get("val_mmlu_avg") is not None]
+    fig, axes = plt.subplots(2 if evals else 1, 1, figsize=(7, 6.5 if evals else 4), sharex=True, squeeze=False)
+    ax = axes[0][0]
     ax.plot([m["server_round"] for m in rows], [m["train_loss"] for m in rows], marker=".")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
     ax.set_ylabel("train loss (weighted by examples)")
     ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    if evals:
+        ax2 = axes[1][0]
+        x = [m["server_round"] for m in evals]
+        ax2.plot(x, [100 * m["val_mmlu_avg"] for m in evals], marker="o", label="MMLU accuracy (protocol, avg)")
+        ax2.plot(x, [100 * m["val_letter_ceiling"] for m in evals], "--", marker=".", label="letter ceiling (diagnostic)")
+        ax2.plot(x, [100 * m["val_valid_letter_rate"] for m in evals], ":", marker=".", label="valid letters % (diagnostic)")
+        ax2.set_ylabel(f"validation, {evals[-1].get('val_questions', '?')} questions (%)")
+        ax2.set_ylim(0, 100)
+        ax2.legend(fontsize=8)
+    for row in axes:
+        row[0].grid(alpha=0.3)
+        row[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1][0].set_xlabel("round")
     fig.tight_layout()
     path = Path(run_dir) / PLOT_FILE
     tmp = Path(run_dir) / f".{PLOT_FILE}.tmp.png"
@@ -74,6 +88,25 @@ def plot_loss(run_dir: Path, title: str) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) -> None:
+    """One line with the round's validation figures, the diagnostics labelled as such."""
+    log(
+        INFO,
+        "[round %d/%d] validation MMLU (protocol, %d q): avg %.2f (stem %.2f, social %.2f, humanities %.2f) "
+        "| diagnostics: letters %.1f%%, letter ceiling %.2f | %.1fs",
+        server_round,
+        num_rounds,
+        metrics["val_questions"],
+        100 * metrics["val_mmlu_avg"],
+        100 * metrics["val_mmlu_stem"],
+        100 * metrics["val_mmlu_social_sciences"],
+        100 * metrics["val_mmlu_humanities"],
+        100 * metrics["val_valid_letter_rate"],
+        100 * metrics["val_letter_ceiling"],
+        metrics["val_eval_s"],
+    )
 
 
 class RunLog:
@@ -94,12 +127,27 @@ class RunLog:
 
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def append_baseline(self, validation: dict[str, Any]) -> None:
+        """Round 0: the untrained global adapter's validation figures (the curve's first point)."""
+        self._write({"server_round": 0, **validation})
+        log_validation(0, self.cfg.num_server_rounds, validation)
+        self._tensorboard_validation(0, validation)
+
+    def _tensorboard_validation(self, step: int, validation: dict[str, Any]) -> None:
+        if self._writer is not None and validation:
+            for key in ("val_mmlu_avg", "val_valid_letter_rate", "val_letter_ceiling"):
+                self._writer.add_scalar(f"validation/{key.removeprefix('val_')}", validation[key], step)
+            self._writer.flush()
+
     def append(self, round_log: RoundLog) -> None:
         """Add the round's line to metrics.jsonl, log one line with an ETA, feed TensorBoard."""
         record = round_log.to_record()
-        with open(self.run_dir / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        self._round_times.append(round_log.wall_time_s)
+        self._write(record)
+        self._round_times.append(round_log.wall_time_s + float(round_log.validation.get("val_eval_s", 0.0)))
         remaining = self.cfg.num_server_rounds - round_log.server_round
         eta = sum(self._round_times) / len(self._round_times) * remaining
         loss = "n/a" if round_log.train_loss is None else f"{round_log.train_loss:.4f}"
@@ -126,6 +174,9 @@ class RunLog:
             self._writer.add_scalar("train/lr", round_log.lr, step)
             self._writer.add_scalar("comm/total_mb", record["mb_total"], step)
             self._writer.flush()
+        if round_log.validation:
+            log_validation(round_log.server_round, self.cfg.num_server_rounds, round_log.validation)
+            self._tensorboard_validation(round_log.server_round, round_log.validation)
 
     def plot(self) -> Path:
         """Redraw loss.png from metrics.jsonl."""

@@ -6,8 +6,10 @@ from logging import INFO, WARNING
 
 from flwr.common.logger import log
 
-from flowertune_llm.config import LEADERBOARD_DATASETS, LEADERBOARD_NUM_SUPERNODES, Config
+from flowertune_llm.config import LEADERBOARD_DATASETS, LEADERBOARD_NUM_SUPERNODES, Config, ConfigError
 from flowertune_llm.dataset import validate_dataset
+from flowertune_llm.evaluate.data import Question
+from flowertune_llm.evaluate.validation import validation_questions
 from flowertune_llm.metrics import check_tensorboard
 from flowertune_llm.models import check_model_source
 
@@ -27,11 +29,33 @@ def leaderboard_warnings(cfg: Config, num_nodes: int) -> list[str]:
     return reasons
 
 
-def preflight(cfg: Config, num_nodes: int) -> None:
-    """Validate dataset and model sources and log leaderboard eligibility; raise ConfigError."""
+def check_chat_template(cfg: Config) -> None:
+    """Refuse `train.prompt-template = "chat"` for a tokenizer that has no chat template."""
+    if cfg.train.prompt_template != "chat":
+        return
+    from flowertune_llm.train import load_tokenizer
+
+    if not getattr(load_tokenizer(cfg.model.name), "chat_template", None):
+        raise ConfigError(
+            f"train.prompt-template='chat': the tokenizer of model.name={cfg.model.name!r} has no chat "
+            "template; use 'alpaca' or 'qa'"
+        )
+
+
+def preflight(cfg: Config, num_nodes: int) -> dict[str, list[Question]] | None:
+    """Validate data, model and eval sources, log leaderboard eligibility; raise ConfigError.
+
+    Returns the in-training evaluation's validation questions (None when `eval.every-round` is 0).
+    """
     check_tensorboard(cfg)
+    questions = validation_questions(cfg.eval) if cfg.eval.enabled else None
     rows = validate_dataset(cfg.dataset_name)
     check_model_source(cfg.model.name)
+    check_chat_template(cfg)
     log(INFO, "Dataset %s: %d rows; model %s", cfg.dataset_name, rows, cfg.model.name)
+    if questions is not None:
+        log(INFO, "In-training evaluation: %d MMLU validation questions from %s every %d rounds",
+            sum(len(q) for q in questions.values()), cfg.eval.data, cfg.eval.every_round)
     for reason in leaderboard_warnings(cfg, num_nodes):
         log(WARNING, "This run does NOT qualify for the FlowerTune leaderboard: %s", reason)
+    return questions

@@ -1,4 +1,4 @@
-"""ServerApp: config -> preflight -> initial (or resumed) adapter -> FedAvg.start -> checkpoints."""
+"""ServerApp: config -> preflight -> initial (or resumed) adapter -> FedAvg.start -> validation, checkpoints."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from flowertune_llm.checkpoint import (
 )
 from flowertune_llm.config import parse_config
 from flowertune_llm.metrics import RunLog
-from flowertune_llm.models import initial_adapter, state_to_arrays
+from flowertune_llm.evaluate.validation import Validator
+from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
 from flowertune_llm.preflight import preflight
 from flowertune_llm.strategy import CommStats, build_strategy, with_dp
 
@@ -30,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) federated SFT for `num-server-rounds` and save PEFT checkpoints."""
     cfg = parse_config(context.run_config)
     resume = load_resume(cfg) if cfg.train.resume_from else None
-    preflight(cfg, num_nodes=len(list(grid.get_node_ids())))
+    questions = preflight(cfg, num_nodes=len(list(grid.get_node_ids())))
 
     if resume is None:
         state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
@@ -59,12 +60,22 @@ def main(grid: Grid, context: Context) -> None:
         metadata=lambda rnd: checkpoint_metadata(cfg, rnd, asdict(strategy.comm)),
     )
 
+    validate = Validator(cfg, peft_config, questions) if questions else None
+
     def on_round_end(server_round: int, arrays: ArrayRecord) -> None:
-        """Strategy.start's evaluate_fn: log the round's metrics, checkpoint when due."""
-        if server_round > 0:
-            run_log.append(strategy.rounds[server_round + done])
-            if checkpointer(server_round + done, arrays):
-                run_log.plot()
+        """Strategy.start's evaluate_fn: validate and log the round, checkpoint when due."""
+        rnd = server_round + done
+        due = validate is not None and cfg.eval.due(rnd, cfg.num_server_rounds)
+        if server_round == 0:
+            if due and done == 0:  # a resumed run already has this point
+                run_log.append_baseline(validate(arrays_to_state(arrays)))
+            return
+        round_log = strategy.rounds[rnd]
+        if due:
+            round_log.validation = validate(arrays_to_state(arrays))
+        run_log.append(round_log)
+        if checkpointer(rnd, arrays) or due:
+            run_log.plot()
 
     log(INFO, "Run folder: %s", run_dir)
     runner = with_dp(strategy, cfg.dp, num_nodes=len(list(grid.get_node_ids())))

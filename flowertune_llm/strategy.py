@@ -86,12 +86,13 @@ class RoundLog:
     rejected: list[dict] = field(default_factory=list)
     comm_round: CommStats = field(default_factory=CommStats)
     comm_total: CommStats = field(default_factory=CommStats)
+    validation: dict[str, Any] = field(default_factory=dict)  # the in-training MMLU figures, if evaluated
     started: float = field(default_factory=time.monotonic, repr=False)
     wall_time_s: float = 0.0
 
     def to_record(self) -> dict:
         """The JSON line: MB figures instead of raw byte counters."""
-        rec = {k: v for k, v in asdict(self).items() if k not in ("comm_round", "comm_total", "started")}
+        rec = {k: v for k, v in asdict(self).items() if k not in ("comm_round", "comm_total", "started", "validation")}
         rec["mb_sent"] = self.comm_round.sent_payload / MB
         rec["mb_received"] = self.comm_round.received_payload / MB
         rec["mb_round"] = self.comm_round.total_payload_mb
@@ -101,6 +102,7 @@ class RoundLog:
         rec["mb_total"] = self.comm_total.total_payload_mb
         rec["mb_total_with_keys"] = self.comm_total.total_with_keys_mb
         rec["comm_total_bytes"] = asdict(self.comm_total)
+        rec.update(self.validation)
         return rec
 
 

@@ -182,10 +182,11 @@ def train_one_round(
 
     `models=None` / `tokenized=None` rebuild the model / re-tokenize (the reference behaviour).
     """
-    key = (cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.model.name, cfg.train.seq_length)
+    key = (cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.model.name, cfg.train.seq_length,
+           cfg.train.prompt_template)
     dataset = tokenized.get(key) if tokenized is not None else None
     if dataset is None:
-        dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed)
+        dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.train.prompt_template)
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as tmp:
         trainer = make_trainer(
             cfg, global_state, dataset, lr, tmp, models=models, callbacks=callbacks, proximal_mu=proximal_mu
@@ -205,7 +206,7 @@ def evaluate_adapter(
     cfg: Config, global_state: AdapterState, partition_id: int, num_partitions: int
 ) -> tuple[float, int]:
     """Mean completion loss of the global adapter on (up to 64 rows of) one partition."""
-    dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed)
+    dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.train.prompt_template)
     dataset = dataset.select(range(min(64, len(dataset))))
     with tempfile.TemporaryDirectory(prefix="flowertune-eval-") as tmp:
         trainer = make_trainer(cfg, global_state, dataset, 0.0, tmp, eval_dataset=dataset, models=MODELS)

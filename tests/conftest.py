@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 ALPACA_SUBSET = SHARED_DATA / "alpaca_gpt4" / "alpaca_gpt4_subset.jsonl"
 MMLU_DIR = SHARED_DATA / "mmlu"
+MMLU_VAL = MMLU_DIR / "mmlu_val.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,6 +44,7 @@ def tiny_overrides(model_dir: Path | str, **extra: Any) -> dict[str, Any]:
         "train.training-arguments.max-steps": 2,
         "train.training-arguments.logging-steps": 1,
         "model.gradient-checkpointing": False,
+        "eval.every-round": 0,  # tests that evaluate during training turn it on with local data
         **extra,
     }
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from flowertune_llm.config import parse_config
 from flowertune_llm.metrics import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
-from tests.conftest import ALPACA_SUBSET, ROOT, tiny_overrides, tiny_run_config
+from tests.conftest import ALPACA_SUBSET, MMLU_VAL, ROOT, tiny_overrides, tiny_run_config
 from tests.processes import BIN, flower_env, start_simulation_superlink, stop_tree
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
     """The README's offline demo, shortened to 1 round: GGUF weights, 4-bit, CPU, local data."""
     from transformers import AutoTokenizer
 
-    from flowertune_llm.dataset import build_prompt
+    from flowertune_llm.prompts import build_prompt
 
     overrides = {
         "model.name": str(smollm2_gguf),
@@ -131,24 +131,51 @@ def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
 
 def comparable(metrics: dict) -> dict:
     """A metrics line without what differs between runs by nature (timing, node ids)."""
-    out = {k: v for k, v in metrics.items() if k != "wall_time_s"}
+    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "val_eval_s")}
     out["client_losses"] = sorted(
-        ({k: v for k, v in c.items() if k != "node"} for c in metrics["client_losses"]),
+        ({k: v for k, v in c.items() if k != "node"} for c in metrics.get("client_losses", [])),
         key=lambda c: c["partition"],
     )
     return out
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, tiny_llama_dir: Path) -> None:
+VALIDATION_KEYS = {"val_mmlu_stem", "val_mmlu_social_sciences", "val_mmlu_humanities", "val_mmlu_avg",
+                   "val_valid_letter_rate", "val_letter_ceiling", "val_questions", "val_batching", "val_eval_s"}
+
+
+def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
     import time
 
     from safetensors.torch import load_file
 
     from flowertune_llm.checkpoint import is_complete
+    from flowertune_llm.evaluate.api import evaluate_mmlu
+    from flowertune_llm.evaluate.validation import validation_questions
 
-    base = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 4, "train.save-every-round": 2})
-    flwr_run(tmp_path / "full", {**base, "train.output-dir": str(tmp_path / "full" / "results")})
+    evaluation = {"eval.every-round": 1, "eval.questions": 6, "eval.data": str(MMLU_VAL), "eval.batch-size": 2}
+    base = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 4, "train.save-every-round": 2, **evaluation})
+    log = flwr_run(tmp_path / "full", {**base, "train.output-dir": str(tmp_path / "full" / "results")})
     (full_run,) = list((tmp_path / "full" / "results").iterdir())
+    full_m = read_metrics(full_run)
+    assert [m["server_round"] for m in full_m] == [0, 1, 2, 3, 4]
+    assert all(VALIDATION_KEYS <= set(m) and m["val_questions"] == 6 for m in full_m)
+    assert len(re.findall(r"validation MMLU \(protocol, 6 q\)", log)) == 5, log[-3000:]
+    assert (full_run / "loss.png").is_file()
+
+    # The in-training figures are what flowertune-eval gives the saved checkpoint on the same questions.
+    questions = validation_questions(parse_config(tiny_run_config(tiny_llama_dir, **evaluation)).eval)
+    data = tmp_path / "val_sample.jsonl"
+    data.write_text("".join(
+        json.dumps({"subject": q.subject, "question": q.question, "answer": q.answer, **dict(zip("ABCD", q.options))}) + "\n"
+        for qs in questions.values() for q in qs
+    ))
+    scored = evaluate_mmlu(str(tiny_llama_dir), str(full_run / "peft_4"), data=str(data), batch_size=2, device="cpu",
+                           show_progress=False)
+    assert scored.average == full_m[4]["val_mmlu_avg"]
+    assert scored.letter_ceiling == full_m[4]["val_letter_ceiling"]
+    assert scored.valid_letter_rate == full_m[4]["val_valid_letter_rate"]
 
     # Interrupted run: kill SuperLink, simulation and `flwr run` once peft_2 is on disk.
     out = tmp_path / "cut" / "results"
@@ -176,9 +203,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, tiny_llama_
         str(cut_run / "peft_4" / "adapter_model.safetensors")
     )
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
-    full_m, cut_m = read_metrics(full_run), read_metrics(cut_run)
-    assert [m["server_round"] for m in cut_m] == [1, 2, 3, 4]
-    assert [comparable(m) for m in cut_m[2:]] == [comparable(m) for m in full_m[2:]]
+    cut_m = read_metrics(cut_run)
+    assert [m["server_round"] for m in cut_m] == [0, 1, 2, 3, 4]  # the series goes on where it stopped
+    assert [comparable(m) for m in cut_m[3:]] == [comparable(m) for m in full_m[3:]]
 
 
 def test_deployment_engine_superlink_and_two_supernodes_on_loopback(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -23,6 +23,16 @@ def test_pyproject_defaults_match_the_reference_baseline() -> None:
     assert ta["per_device_train_batch_size"] == 16 and ta["max_steps"] == 10
     assert ta["gradient_accumulation_steps"] == 1 and ta["lr_scheduler_type"] == "constant"
     assert cfg.train.seq_length == 512
+    assert cfg.train.prompt_template == "alpaca"
+    assert (cfg.eval.every_round, cfg.eval.questions, cfg.eval.data) == (5, 999, "cais/mmlu")
+    assert [r for r in range(101) if cfg.eval.due(r, 100)] == list(range(0, 101, 5))
+
+
+def test_evaluation_rounds_include_the_last_one() -> None:
+    cfg = parse_config(default_run_config(**{"num-server-rounds": 7, "eval.every-round": 3}))
+    assert [r for r in range(8) if cfg.eval.due(r, 7)] == [0, 3, 6, 7]
+    off = parse_config(default_run_config(**{"eval.every-round": 0}))
+    assert not off.eval.enabled and not any(off.eval.due(r, 100) for r in range(101))
 
 
 @pytest.mark.parametrize(
@@ -43,6 +53,11 @@ def test_pyproject_defaults_match_the_reference_baseline() -> None:
         ("model.gradient-checkpointing", "yes", "model.gradient-checkpointing='yes'"),
         ("train.training-arguments.max-steps", 0, "max-steps=0"),
         ("train.training-arguments.per-device-train-batch-size", 0, "per-device-train-batch-size=0"),
+        ("train.prompt-template", "vicuna", "train.prompt-template='vicuna': expected one of alpaca, chat, qa"),
+        ("eval.every-round", -1, "eval.every-round=-1"),
+        ("eval.questions", 2, "eval.questions=2"),
+        ("eval.batch-size", 0, "eval.batch-size=0"),
+        ("eval.data", "", "eval.data=''"),
     ],
 )
 def test_bad_values_name_the_key_and_value(key: str, value: object, fragment: str) -> None:

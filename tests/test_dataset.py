@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 
 from flowertune_llm.config import ConfigError, parse_config
-from flowertune_llm.dataset import (
-    PROMPT_PREAMBLE,
-    build_prompt,
-    federated_dataset,
-    load_partition,
-    resolve_source,
-    to_prompt_completion,
-    validate_dataset,
-)
+from flowertune_llm.dataset import federated_dataset, load_partition, resolve_source, validate_dataset
+from flowertune_llm.prompts import PROMPT_PREAMBLE, PROMPT_TEMPLATES, build_prompt, qa_prompt, to_prompt_completion
 from tests.conftest import ALPACA_SUBSET, tiny_run_config
 
 
@@ -34,24 +27,35 @@ def test_prompt_keeps_non_empty_input() -> None:
     assert "### Input" not in to_prompt_completion({**row, "input": "  "})["prompt"]
 
 
-def test_loss_mask_counts_response_and_eos_only(tiny_llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("template", PROMPT_TEMPLATES)
+def test_loss_mask_counts_response_and_end_token_only(template: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from datasets import Dataset
+
     from flowertune_llm.models import adapter_state, build_peft_model
     from flowertune_llm.train import make_trainer
 
-    cfg = parse_config(tiny_run_config(tiny_llama_dir))
-    row = to_prompt_completion({"instruction": "Say hi.", "input": "", "output": "Hi there!"})
-    from datasets import Dataset
-
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"train.prompt-template": template}))
+    row = to_prompt_completion({"instruction": "Say hi.", "input": "To Bob.", "output": "Hi there!"}, template)
     state = adapter_state(build_peft_model(cfg.model, "cpu", 0))
     trainer = make_trainer(cfg, state, Dataset.from_list([row]), 1e-3, str(tmp_path))
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     tok = trainer.processing_class
-    counted = [t for t, lab in zip(ids, labels) if lab != -100]
-    masked = [t for t, lab in zip(ids, labels) if lab == -100]
-    assert counted[-1] == tok.eos_token_id
-    assert tok.decode(counted[:-1]) == "Hi there!"
-    assert tok.decode(masked) == row["prompt"]
+    counted = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+    masked = tok.decode([t for t, lab in zip(ids, labels) if lab == -100])
+    if template == "alpaca":
+        assert masked == f"{PROMPT_PREAMBLE}\n\n### Instruction:\nSay hi.\n\n### Input:\nTo Bob.\n\n### Response:\n"
+        assert counted == "Hi there!<|im_end|>"
+    elif template == "qa":  # the evaluation's own wrapper, as the protocol asks its questions
+        assert masked == qa_prompt("Say hi.\n\nTo Bob.\n")
+        assert masked == "<|im_start|>question\nSay hi.\n\nTo Bob.\n<|im_end|>\n<|im_start|>answer\n"
+        assert counted == "Hi there!<|im_end|>"
+    else:  # the model's chat template: the user turn (and default system turn) masked
+        user = [{"role": "user", "content": "Say hi.\n\nTo Bob."}]
+        assert masked == tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        assert masked.endswith("<|im_start|>user\nSay hi.\n\nTo Bob.<|im_end|>\n<|im_start|>assistant\n")
+        assert counted.startswith("Hi there!<|im_end|>")
+        assert counted.removeprefix("Hi there!<|im_end|>").strip() == ""  # at most the template's newline
 
 
 def test_partitions_are_20_disjoint_iid_shares_of_the_whole_set() -> None:

@@ -37,6 +37,8 @@ def run_server(run_config: dict, tmp_path: Path) -> None:
         ({"train.save-every-round": 0}, "train.save-every-round=0"),
         ({"static.dataset.name": "/no/such/file.jsonl"}, "static.dataset.name='/no/such/file.jsonl'"),
         ({"model.name": "/no/such/model"}, "model.name='/no/such/model'"),
+        ({"eval.every-round": 1, "eval.data": "/no/such/mmlu_val.jsonl"}, "eval.data='/no/such/mmlu_val.jsonl': no such file"),
+        ({"eval.every-round": 1, "eval.data": str(ALPACA_SUBSET)}, "eval.data="),
     ],
 )
 def test_bad_input_fails_fast_and_writes_nothing(
@@ -59,7 +61,8 @@ def test_dataset_missing_a_column_is_refused(tmp_path: Path, tiny_llama_dir: Pat
 def test_offline_mode_without_cache_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = parse_config(
-        default_run_config(**{"model.name": "HuggingFaceTB/no-such-model-xyz", "static.dataset.name": str(ALPACA_SUBSET)})
+        default_run_config(**{"model.name": "HuggingFaceTB/no-such-model-xyz", "static.dataset.name": str(ALPACA_SUBSET),
+                               "eval.every-round": 0})
     )
     with pytest.raises(ConfigError, match="model.name='HuggingFaceTB/no-such-model-xyz': HF_HUB_OFFLINE is set"):
         preflight(cfg, num_nodes=20)
@@ -95,3 +98,46 @@ def test_leaderboard_rules_are_reported_not_refused(tiny_llama_dir: Path) -> Non
     assert any("static.dataset.name" in r for r in reasons)
     assert any("2 SuperNodes" in r for r in reasons)
     assert leaderboard_warnings(parse_config(default_run_config()), num_nodes=20) == []
+
+
+def test_unreachable_eval_data_is_named_before_any_model_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    cfg = tiny_run_config(tiny_llama_dir, **{"eval.every-round": 5, "eval.data": "cais/mmlu"})
+    with pytest.raises(ConfigError, match="eval.data='cais/mmlu': HF_HUB_OFFLINE is set"):
+        run_server(cfg, tmp_path)
+    assert not (tmp_path / "results").exists()
+
+
+def test_validation_questions_are_stratified_fixed_and_warn_on_the_test_split(caplog: pytest.LogCaptureFixture) -> None:
+    from flowertune_llm.evaluate.validation import validation_questions
+    from tests.conftest import MMLU_DIR, MMLU_VAL
+
+    cfg = parse_config(default_run_config(**{"eval.data": str(MMLU_VAL), "eval.questions": 30}))
+    first = validation_questions(cfg.eval)
+    assert {c: len(q) for c, q in first.items()} == {"stem": 10, "social_sciences": 10, "humanities": 10}
+    assert validation_questions(cfg.eval) == first  # the same questions every time
+    folder = parse_config(default_run_config(**{"eval.data": str(MMLU_DIR), "eval.questions": 30}))
+    assert validation_questions(folder.eval) == first  # a folder: its *val* file
+    assert "test split" not in caplog.text
+    test_split = parse_config(default_run_config(**{"eval.data": str(MMLU_DIR / "mmlu_test.jsonl")}))
+    validation_questions(test_split.eval)
+    assert "looks like the MMLU test split" in caplog.text
+
+
+def test_chat_template_is_required_for_the_chat_prompt(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    import shutil
+
+    plain = tmp_path / "no-chat-template"
+    shutil.copytree(tiny_llama_dir, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match="train.prompt-template='chat': the tokenizer of model.name=.* has no chat template"):
+        run_server(tiny_run_config(plain, **{"train.prompt-template": "chat"}), tmp_path)
+    assert not (tmp_path / "results").exists()

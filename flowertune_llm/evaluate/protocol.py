@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from flowertune_llm.prompts import qa_prompt
+
 #: The protocol's own category lists (not Hendrycks'); the leaderboard averages the first three.
 MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
     "stem": (
@@ -50,8 +52,7 @@ def format_mcq(question: str, options: list[str]) -> str:
 
 def build_prompt(question: str, options: list[str]) -> str:
     """The full model input: instruction lines around the MCQ, in the protocol's chat wrapper."""
-    prompt = f"{SYSTEM_LINE}\n{format_mcq(question, options)}\n{USER_LINE}\n"
-    return f"<|im_start|>question\n{prompt}<|im_end|>\n<|im_start|>answer\n"
+    return qa_prompt(f"{SYSTEM_LINE}\n{format_mcq(question, options)}\n{USER_LINE}\n")
 
 
 def parse_prediction(output: str) -> str:

@@ -309,13 +309,23 @@ def probe_prompts(encoded_lengths: Sequence[int], count: int) -> list[int]:
     return [order[round(k * step)] for k in range(count)]
 
 
+@dataclass
+class SoloAnswers:
+    """Prompts the probe already scored one at a time: their official answers, reused by the scoring."""
+
+    texts: dict[int, str] = field(default_factory=dict)
+    letter_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 def check_batching(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     batch_size: int,
     allow_inexact: bool = False,
-) -> BatchingCheck:
+    new_tokens: Sequence[int] | None = None,
+    columns: Sequence[int] = (),
+) -> tuple[BatchingCheck, SoloAnswers]:
     """Decide, on this device, whether batches give the one-at-a-time answers; fall back if not.
 
     Batched and solo answers are equal only where the device's kernels compute a row the same way
@@ -323,20 +333,27 @@ def check_batching(
     is measured, not assumed: a batch and a half of the run's own prompts, spread over their
     lengths, is scored batched and one at a time, and the answer-position logits are compared
     bit for bit. Any difference means one prompt at a time (or, with `allow_inexact`, batches
-    kept and the result marked "inexact").
+    kept and the result marked "inexact"). The probe's solo answers are official answers, so
+    they are returned (texts, and the logits of `columns`) for the scoring to reuse.
     """
+    solo = SoloAnswers()
     if batch_size <= 1 or len(prompts) <= 1:
-        return BatchingCheck("one-at-a-time", 1, batch_size, reason="batch size 1")
+        return BatchingCheck("one-at-a-time", 1, batch_size, reason="batch size 1"), solo
     if not batch_invariant(model):
         reason = "8-bit (LLM.int8) picks its outlier columns over the whole batch"
         if allow_inexact:
-            return BatchingCheck("inexact", batch_size, batch_size, reason=reason)
+            return BatchingCheck("inexact", batch_size, batch_size, reason=reason), solo
         LOG.warning("--batch-size %d: %s; scoring one prompt at a time", batch_size, reason)
-        return BatchingCheck("one-at-a-time", 1, batch_size, reason=reason)
-    lengths = [len(tokenizer(p).input_ids) for p in prompts]
-    picked = [prompts[i] for i in probe_prompts(lengths, batch_size + max(1, batch_size // 2))]
-    _, batched = generate_with_logits(model, tokenizer, picked, 1, batch_size)
-    _, alone = generate_with_logits(model, tokenizer, picked, 1, 1)
+        return BatchingCheck("one-at-a-time", 1, batch_size, reason=reason), solo
+    new_tokens = list(new_tokens) if new_tokens is not None else [1] * len(prompts)
+    length = Counter(new_tokens).most_common(1)[0][0]  # probe prompts share one answer length
+    pool = [i for i, n in enumerate(new_tokens) if n == length]
+    lengths = [len(tokenizer(prompts[i]).input_ids) for i in pool]
+    picked = [pool[k] for k in probe_prompts(lengths, batch_size + max(1, batch_size // 2))]
+    _, batched = generate_with_logits(model, tokenizer, [prompts[i] for i in picked], length, batch_size)
+    texts, alone = generate_with_logits(model, tokenizer, [prompts[i] for i in picked], length, 1)
+    for k, i in enumerate(picked):
+        solo.texts[i], solo.letter_logits[i] = texts[k], alone[k, list(columns)]
     differing = int((batched != alone).any(dim=1).sum())
     figures = {
         "probe_prompts": len(picked),
@@ -345,7 +362,7 @@ def check_batching(
         "flipped": int((batched.argmax(dim=1) != alone.argmax(dim=1)).sum()),
     }
     if differing == 0:
-        return BatchingCheck("exact", batch_size, batch_size, **figures)
+        return BatchingCheck("exact", batch_size, batch_size, **figures), solo
     line = (
         f"batching check: {differing} of {len(picked)} probe prompts give other answer-position logits "
         f"batched than one at a time on this device (largest difference {figures['max_abs_diff']:.3g}, "
@@ -353,9 +370,9 @@ def check_batching(
     )
     if allow_inexact:
         LOG.warning("%skeeping batches of %d (--allow-inexact-batching)", line, batch_size)
-        return BatchingCheck("inexact", batch_size, batch_size, **figures, reason="probe differed")
+        return BatchingCheck("inexact", batch_size, batch_size, **figures, reason="probe differed"), SoloAnswers()
     LOG.warning("%sscoring one prompt at a time (--allow-inexact-batching keeps the batches)", line)
-    return BatchingCheck("one-at-a-time", 1, batch_size, **figures, reason="probe differed")
+    return BatchingCheck("one-at-a-time", 1, batch_size, **figures, reason="probe differed"), solo
 
 
 def evaluate_questions(
@@ -370,15 +387,19 @@ def evaluate_questions(
     start = time.perf_counter()
     items = [(category, q) for category, qs in questions.items() for q in qs]
     prompts = [build_prompt(q.question, list(q.options)) for _, q in items]
-    check = check_batching(model, tokenizer, prompts, batch_size, allow_inexact_batching)
     letters = letter_token_ids(tokenizer)
     # max_new_tokens = tokens of the gold letter (1 for SmolLM2); group equal lengths.
     new_tokens = [len(tokenizer(q.answer, add_special_tokens=False).input_ids) for _, q in items]
-    outputs = [""] * len(items)
+    check, solo = check_batching(model, tokenizer, prompts, batch_size, allow_inexact_batching, new_tokens, letters)
+    outputs = [solo.texts.get(i, "") for i in range(len(items))]
     letter_logits = torch.empty(len(items), len(letters))
-    with tqdm(total=len(items), desc="MMLU", unit="q", disable=not show_progress) as bar:
+    for i, row in solo.letter_logits.items():
+        letter_logits[i] = row
+    with tqdm(total=len(items), initial=len(solo.texts), desc="MMLU", unit="q", disable=not show_progress) as bar:
         for length in sorted(set(new_tokens)):
-            sel = [i for i, n in enumerate(new_tokens) if n == length]
+            sel = [i for i, n in enumerate(new_tokens) if n == length and i not in solo.texts]
+            if not sel:
+                continue
             texts, logits = generate_with_logits(
                 model, tokenizer, [prompts[i] for i in sel], length, check.batch_size, bar, letters
             )

