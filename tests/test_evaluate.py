@@ -172,7 +172,7 @@ def test_4bit_padded_batches_are_bit_exact_with_the_row_wise_kernel(smollm2_mode
     assert len({len(e) for e in encoded}) > 6  # the batch below really is padded
     alone = torch.cat([_last_logits(model, tok, [e]) for e in encoded[:8]])
     assert torch.equal(_last_logits(model, tok, encoded[:8]), alone)
-    assert generate(model, tok, prompts, 2, 8) == [generate(model, tok, [p], 2, 1)[0] for p in prompts]
+    assert generate(model, tok, prompts, 2, 8)[0] == [generate(model, tok, [p], 2, 1)[0][0] for p in prompts]
 
 
 def test_int8_scores_one_prompt_at_a_time(smollm2_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

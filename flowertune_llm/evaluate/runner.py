@@ -224,7 +224,7 @@ def letter_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer(letter, add_special_tokens=False).input_ids[0] for letter in LETTERS]
 
 
-def generate_with_logits(
+def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
@@ -268,18 +268,6 @@ def generate_with_logits(
         if progress is not None:
             progress.update(len(idx))
     return outputs, first if first is not None else torch.empty(0, 0)
-
-
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int,
-    progress: tqdm | None = None,
-) -> list[str]:
-    """Greedy continuations of `prompts` in left-padded batches (see `generate_with_logits`)."""
-    return generate_with_logits(model, tokenizer, prompts, max_new_tokens, batch_size, progress)[0]
 
 
 @dataclass(frozen=True)
@@ -350,8 +338,8 @@ def check_batching(
     pool = [i for i, n in enumerate(new_tokens) if n == length]
     lengths = [len(tokenizer(prompts[i]).input_ids) for i in pool]
     picked = [pool[k] for k in probe_prompts(lengths, batch_size + max(1, batch_size // 2))]
-    _, batched = generate_with_logits(model, tokenizer, [prompts[i] for i in picked], length, batch_size)
-    texts, alone = generate_with_logits(model, tokenizer, [prompts[i] for i in picked], length, 1)
+    _, batched = generate(model, tokenizer, [prompts[i] for i in picked], length, batch_size)
+    texts, alone = generate(model, tokenizer, [prompts[i] for i in picked], length, 1)
     for k, i in enumerate(picked):
         solo.texts[i], solo.letter_logits[i] = texts[k], alone[k, list(columns)]
     differing = int((batched != alone).any(dim=1).sum())
@@ -400,7 +388,7 @@ def evaluate_questions(
             sel = [i for i, n in enumerate(new_tokens) if n == length and i not in solo.texts]
             if not sel:
                 continue
-            texts, logits = generate_with_logits(
+            texts, logits = generate(
                 model, tokenizer, [prompts[i] for i in sel], length, check.batch_size, bar, letters
             )
             for i, text, row in zip(sel, texts, logits):

@@ -50,10 +50,10 @@ def main() -> int:
     t_probe = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    alone = [generate(model, tok, [p], 1, 1)[0] for p in prompts]
+    alone = [generate(model, tok, [p], 1, 1)[0][0] for p in prompts]
     t_alone = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batched = generate(model, tok, prompts, 1, args.batch_size)
+    batched, _ = generate(model, tok, prompts, 1, args.batch_size)
     t_batched = time.perf_counter() - t0
 
     mismatches = sum(a != b for a, b in zip(alone, batched))
