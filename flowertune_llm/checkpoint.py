@@ -37,6 +37,8 @@ RESUME_MAY_CHANGE = {
     "eval.batch_size",
     "eval.allow_inexact_batching",
 }
+#: Training keys added after checkpoints already existed, with the value older checkpoints trained with.
+ADDED_LATER = {"train.prompt_template": "alpaca"}
 
 
 def checkpoint_rounds(num_rounds: int, every: int) -> list[int]:
@@ -124,7 +126,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     """'key: saved -> now' for every training-relevant difference."""
     now = _flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
-    before = _flat(saved)
+    before = {**ADDED_LATER, **_flat(saved)} if saved else {}
     keys = sorted((set(now) | set(before)) - RESUME_MAY_CHANGE)
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 

@@ -112,6 +112,18 @@ def test_resume_refuses_a_config_that_changes_the_training(tmp_path: Path, tiny_
     assert resume.comm_total_bytes["received_with_keys"] == 4
 
 
+def test_checkpoints_from_before_prompt_templates_resume_as_alpaca(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from flowertune_llm.checkpoint import config_differences
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir))
+    old = cfg.to_dict()
+    del old["train"]["prompt_template"], old["eval"]  # written by a version without these keys
+    old = json.loads(json.dumps(old, default=str))
+    assert config_differences(old, cfg) == []
+    qa = parse_config(tiny_run_config(tiny_llama_dir, **{"train.prompt-template": "qa"}))
+    assert config_differences(old, qa) == ["train.prompt_template: 'alpaca' -> 'qa'"]
+
+
 def test_resume_ignores_incomplete_checkpoints(tmp_path: Path, tiny_llama_dir: Path) -> None:
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"num-server-rounds": 10}))
     _checkpoint(tmp_path, cfg, 2)
