@@ -31,6 +31,18 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+
+    from flowertune_llm.config import check_overrides
+
+    defaults = flatten_dict(get_project_config(args.app)["tool"]["flwr"]["app"].get("config", {}))
+    cfg = check_overrides(parse_config_args([args.run_config]), defaults)
+    print(f"ok: {len(defaults)} keys, {cfg.num_server_rounds} rounds of {cfg.model.name} "
+          f"on {cfg.dataset_name} (prompt template {cfg.train.prompt_template})")
+    return 0
+
+
 def _import(args: argparse.Namespace) -> int:
     from flowertune_llm.gguf import import_gguf
 
@@ -54,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--out", default=None, help="HF folder to create (default: cache)")
     fetch.set_defaults(func=_fetch)
 
+    check = sub.add_parser("check", help="validate a --run-config string offline, before `flwr run`")
+    check.add_argument("run_config", help='the --run-config string, e.g. "num-server-rounds=3 train.seq-length=256"')
+    check.add_argument("--app", default=".", help="the app folder with pyproject.toml (default: .)")
+    check.set_defaults(func=_check)
+
     imp = sub.add_parser("import-gguf", help="import a .gguf file into an HF model folder")
     imp.add_argument("gguf")
     imp.add_argument("out", nargs="?", default=None)
@@ -65,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

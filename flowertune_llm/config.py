@@ -348,3 +348,19 @@ def _dp(cfg: Mapping[str, Any]) -> DPSettings:
         if cfg.get("comm.dtype") != "float32":
             raise ConfigError(f"dp.enabled=true needs comm.dtype='float32' (got {cfg.get('comm.dtype')!r})")
     return dp
+
+
+def check_overrides(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> Config:
+    """Validate `--run-config` overrides offline, as `flwr run` and the app would; name bad keys.
+
+    flwr refuses a key that is not in the pyproject with only "Invalid run configuration", so
+    unknown keys are named here with the closest valid one.
+    """
+    import difflib
+
+    for key in overrides:
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint}; valid keys are in [tool.flwr.app.config] of pyproject.toml")
+    return parse_config({**defaults, **overrides})

@@ -116,3 +116,26 @@ def test_fingerprint_changes_with_training_settings() -> None:
     b = parse_config(default_run_config(**{"model.lora.peft-lora-r": 16}))
     assert a.fingerprint() == parse_config(default_run_config()).fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ("num-server-round=3", "unknown key 'num-server-round' (did you mean num-server-rounds?)"),
+        ("model.lora.peft-lora-rank=16", "unknown key 'model.lora.peft-lora-rank' (did you mean model.lora.peft-lora-r?)"),
+        ("model.quantization=16", "model.quantization=16: expected 4, 8, or none (0)"),
+        ("strategy.fraction-train=0", "strategy.fraction-train=0"),
+    ],
+)
+def test_check_command_names_bad_keys_and_values(
+    run_config: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowertune_llm.cli import main
+    from tests.conftest import ROOT
+
+    assert main(["check", "--app", str(ROOT), run_config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err
+    assert len(err.splitlines()) == 1
+    assert main(["check", "--app", str(ROOT), "num-server-rounds=3 train.prompt-template='qa'"]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
