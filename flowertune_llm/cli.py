@@ -27,7 +27,8 @@ def _fetch(args: argparse.Namespace) -> int:
     gguf = fetch_smollm2_gguf()
     print(f"GGUF: {gguf}")
     folder = import_gguf(gguf, args.out)
-    print(f"HF model folder: {folder}\nUse it as model.name / --base-model-name-path.")
+    print(f"HF model folder: {folder}\nUse either path as model.name / --base-model-name-path "
+          "(a .gguf path is imported once and reuses this folder).")
     return 0
 
 
