@@ -51,6 +51,7 @@ class Validator:
         result = self.scorer.score(
             state, self.questions, self.settings.batch_size, self.settings.allow_inexact_batching
         )
+        predicted = [c.diagnostics()["predicted_letters"] for c in result.categories.values()]
         metrics: dict[str, Any] = {
             f"val_mmlu_{name}": cat.accuracy for name, cat in result.categories.items()
         }
@@ -60,8 +61,7 @@ class Validator:
             val_letter_ceiling=result.letter_ceiling,
             val_questions=sum(c.total for c in result.categories.values()),
             val_predicted_letters={  # mean share over the three categories (diagnostic)
-                k: sum(c.diagnostics()["predicted_letters"][k] for c in result.categories.values()) / len(result.categories)
-                for k in ("a", "b", "c", "d", "other")
+                k: sum(d[k] for d in predicted) / len(predicted) for k in ("a", "b", "c", "d", "other")
             },
             val_batching=result.batching.mode if result.batching else "",
             val_eval_s=round(time.perf_counter() - start, 3),
