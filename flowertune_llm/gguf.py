@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -60,21 +62,63 @@ def check_gguf_file(path: Path) -> None:
             raise GgufError(f"not a GGUF file (bad magic bytes): {path}")
 
 
-def _file_key(path: Path) -> str:
+#: Written into every import folder: which GGUF content it came from.
+IMPORT_MARKER = "flowertune_import.json"
+#: GGUF `general.file_type` values stored unquantized; every quantized type imports as bf16.
+_FLOAT_FILE_TYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (memoised per process): two copies of a GGUF are one model."""
+    path = Path(path).expanduser().resolve()
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def import_dtype(gguf_path: Path) -> str:
+    """The float type to store a GGUF's weights in: its own (F32/F16/BF16), else bf16 (quantized)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("general.file_type")
+    file_type = int(field.parts[field.data[0]][0]) if field is not None else -1
+    return _FLOAT_FILE_TYPES.get(file_type, "bfloat16")
+
+
+def imported_source(folder: str | Path) -> dict[str, str] | None:
+    """The import marker of an HF folder made by `import_gguf` ({sha256, gguf}), else None."""
+    marker = Path(folder).expanduser() / IMPORT_MARKER
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None, tokenizer_only: bool = False) -> Path:
-    """Import a GGUF (dequantized model + tokenizer) into an HF folder, atomically, once."""
+    """Import a GGUF (dequantized model + tokenizer) into an HF folder, once per file content."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path = Path(gguf_path).expanduser().resolve()
     check_gguf_file(gguf_path)
     kind = "tokenizer" if tokenizer_only else "model"
-    out = Path(out_dir) if out_dir else cache_dir() / "imported" / f"{gguf_path.stem}-{kind}-{_file_key(gguf_path)}"
-    if (out / "config.json" if not tokenizer_only else out / "tokenizer_config.json").is_file():
+    sha = content_hash(gguf_path)
+    if out_dir is None:  # keyed by content: any copy of this file finds the same folder
+        cached = [p for p in (cache_dir() / "imported").glob(f"*-{kind}-{sha[:16]}") if (p / IMPORT_MARKER).is_file()]
+        if cached:
+            return cached[0]
+    out = Path(out_dir) if out_dir else cache_dir() / "imported" / f"{gguf_path.stem}-{kind}-{sha[:16]}"
+    if (out / IMPORT_MARKER).is_file():
         return out
+    if out.exists():
+        raise GgufError(f"{out} exists and is not an import of {gguf_path}; not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -83,11 +127,14 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None, tokeni
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(tmp)
+        marker = {"sha256": sha, "gguf": str(gguf_path)}
         if not tokenizer_only:
+            marker["dtype"] = import_dtype(gguf_path)
             model = AutoModelForCausalLM.from_pretrained(
-                src, gguf_file=name, quantization_config=GgufConfig(dequantize=True)
+                src, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=marker["dtype"]
             )
             model.save_pretrained(tmp)
+        (tmp / IMPORT_MARKER).write_text(json.dumps(marker, indent=2))  # last: marks it complete
         try:
             tmp.rename(out)
         except OSError:  # another process finished the same import first: keep theirs
@@ -101,6 +148,17 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None, tokeni
         shutil.rmtree(tmp, ignore_errors=True)
         raise GgufError(f"could not import GGUF {gguf_path}: {type(exc).__name__}: {exc}") from exc
     return out
+
+
+def model_identity(name: str) -> str:
+    """What makes two base-model names the same model: a GGUF's content, else the resolved path or id."""
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf") and path.is_file():
+        return f"gguf-sha256:{content_hash(path)}"
+    source = imported_source(path) if path.is_dir() else None
+    if source and source.get("sha256"):
+        return f"gguf-sha256:{source['sha256']}"
+    return str(path.resolve()) if path.exists() else name
 
 
 def resolve_model_path(name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,38 @@ def test_adapter_for_another_base_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EvalModelError, match="no adapter_config.json"):
         check_peft_path(str(tmp_path / "nope"), "x")
     check_peft_path(str(tmp_path), "/models/other-model")  # a local copy of the same model is fine
+    local = tmp_path / "local-base"
+    local.mkdir()
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(local)}))
+    with pytest.raises(EvalModelError, match=f"use --base-model-name-path {local}$"):
+        check_peft_path(str(tmp_path), "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_an_adapter_from_one_gguf_import_evaluates_with_another_copy(
+    tmp_path: Path, smollm2_gguf: Path, smollm2_model_dir: Path
+) -> None:
+    from flowertune_llm.checkpoint import save_adapter
+    from flowertune_llm.config import parse_config
+    from flowertune_llm.models import initial_adapter
+    from tests.conftest import tiny_run_config
+
+    # trained on the imported folder (what a run records as base_model_name_or_path) ...
+    settings = parse_config(tiny_run_config(smollm2_model_dir, **{"model.quantization": "none"})).model
+    state, peft_config = initial_adapter(settings, 0)
+    save_adapter(tmp_path / "peft_1", state, peft_config, {})
+    base = json.loads((tmp_path / "peft_1" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(smollm2_model_dir)
+    # ... and scored with another copy of the same .gguf file
+    copy = tmp_path / "downloads" / "copy.gguf"
+    copy.parent.mkdir()
+    shutil.copy(smollm2_gguf, copy)
+    code = eval_main([
+        "--base-model-name-path", str(copy), "--peft-path", str(tmp_path / "peft_1"), "--data", str(MMLU_TEST),
+        "--category", "stem", "--limit", "2", "--batch-size", "1", "--output-dir", str(tmp_path / "out"),
+        "--no-progress", "--device", "cpu",
+    ])
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["questions"] == 2
 
 
 def _last_logits(model, tok, encoded: list[list[int]]) -> torch.Tensor:

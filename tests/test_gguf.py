@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from flowertune_llm.gguf import GgufError, import_gguf, resolve_model_path
+from flowertune_llm.gguf import (
+    GgufError,
+    content_hash,
+    import_gguf,
+    imported_source,
+    model_identity,
+    resolve_model_path,
+)
 
 
 def test_imported_tokenizer_encodes_like_smollm2(smollm2_tokenizer_dir: Path) -> None:
@@ -49,3 +58,23 @@ def test_gguf_model_name_resolves_to_the_cached_import(smollm2_gguf: Path, smoll
     assert resolve_model_path(str(smollm2_gguf)) == str(smollm2_model_dir)
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert (smollm2_model_dir / "config.json").is_file()
+
+
+def test_one_gguf_in_two_places_is_one_import_in_its_own_float_type(
+    tmp_path: Path, smollm2_gguf: Path, smollm2_model_dir: Path
+) -> None:
+    imported = smollm2_model_dir.parent
+    before = sorted(p.name for p in imported.iterdir())
+    copy = tmp_path / "elsewhere" / "renamed.gguf"
+    copy.parent.mkdir()
+    shutil.copy(smollm2_gguf, copy)
+    assert resolve_model_path(str(copy)) == str(smollm2_model_dir)  # same bytes, same cache entry
+    assert sorted(p.name for p in imported.iterdir()) == before
+    source = imported_source(smollm2_model_dir)
+    assert source is not None and source["sha256"] == content_hash(copy)
+    assert model_identity(str(copy)) == model_identity(str(smollm2_gguf)) == model_identity(str(smollm2_model_dir))
+    # a quantized GGUF imports as bf16 (the hub model's type), not float32
+    assert source["dtype"] == "bfloat16"
+    assert json.loads((smollm2_model_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    weights = sum(p.stat().st_size for p in smollm2_model_dir.glob("*.safetensors"))
+    assert weights < 300 * 2**20, weights

@@ -29,6 +29,7 @@ from flowertune_llm.evaluate.protocol import (
     is_correct,
     parse_prediction,
 )
+from flowertune_llm.gguf import imported_source, model_identity
 
 #: What results.json and the printout say about the answer diagnostics.
 DIAGNOSTICS_NOTE = (
@@ -156,12 +157,22 @@ class EvalResult:
 
 
 def _same_base(adapter_base: str, base: str) -> bool:
-    if adapter_base == base:
+    if adapter_base == base or model_identity(adapter_base) == model_identity(base):
         return True
     a, b = Path(adapter_base).expanduser(), Path(base).expanduser()
     if a.exists() and b.exists():
-        return a.resolve() == b.resolve()
+        return False  # two local models with different content
     return a.name.lower() == b.name.lower()  # hub id vs. a local copy of the same model
+
+
+def _working_base(adapter_base: str) -> str | None:
+    """A value of --base-model-name-path that would load the adapter's own base model, if one exists here."""
+    source = imported_source(adapter_base)
+    if source and Path(source.get("gguf", "")).is_file():
+        return source["gguf"]
+    if Path(adapter_base).expanduser().exists() or not adapter_base.startswith(("/", ".", "~")):
+        return adapter_base
+    return None
 
 
 def check_peft_path(peft_path: str, base: str) -> None:
@@ -171,9 +182,15 @@ def check_peft_path(peft_path: str, base: str) -> None:
         raise EvalModelError(f"--peft-path {peft_path}: no adapter_config.json there")
     adapter_base = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
     if adapter_base and not _same_base(adapter_base, base):
+        working = _working_base(adapter_base)
+        hint = (
+            f"; use --base-model-name-path {working}"
+            if working
+            else " (not found on this machine; pass that model, or its .gguf file)"
+        )
         raise EvalModelError(
             f"--peft-path {peft_path} was trained on base model {adapter_base!r}, "
-            f"but --base-model-name-path is {base!r}"
+            f"but --base-model-name-path is {base!r}{hint}"
         )
 
 
