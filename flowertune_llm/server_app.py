@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
@@ -16,22 +16,28 @@ from flowertune_llm.checkpoint import (
     load_resume,
     new_run_dir,
 )
-from flowertune_llm.config import parse_config
+from flowertune_llm.config import ConfigError, parse_config
+from flowertune_llm.gguf import GgufError
+from flowertune_llm.logs import one_line_errors
 from flowertune_llm.metrics import RunLog
 from flowertune_llm.evaluate.validation import Validator
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
-from flowertune_llm.preflight import preflight
+from flowertune_llm.preflight import federation_warning, preflight
 from flowertune_llm.strategy import CommStats, build_strategy, with_dp
 
 app = ServerApp()
+one_line_errors((ConfigError, GgufError))  # a bad input ends the run with its message, no traceback
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) federated SFT for `num-server-rounds` and save PEFT checkpoints."""
+    num_nodes = len(list(grid.get_node_ids()))
+    if warning := federation_warning(num_nodes):  # first: before anything slow happens
+        log(WARNING, "%s", warning)
     cfg = parse_config(context.run_config)
     resume = load_resume(cfg) if cfg.train.resume_from else None
-    questions = preflight(cfg, num_nodes=len(list(grid.get_node_ids())))
+    questions = preflight(cfg)
 
     if resume is None:
         state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
@@ -78,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
             run_log.plot()
 
     log(INFO, "Run folder: %s", run_dir)
-    runner = with_dp(strategy, cfg.dp, num_nodes=len(list(grid.get_node_ids())))
+    runner = with_dp(strategy, cfg.dp, num_nodes=num_nodes)
     runner.start(
         grid=grid,
         initial_arrays=state_to_arrays(state),

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
@@ -24,6 +25,11 @@ from flowertune_llm.models import (
     default_device,
     set_adapter_state,
 )
+
+
+#: The step-cost optimizations below (identical training, see docs/benchmarks.md); only
+#: `tests.benchmarks.bench_step --compare` turns them off, to measure the plain path beside them.
+OPTIMIZED = True
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ def make_trainer(
     else:
         model = models.get(cfg.model, device, cfg.train.seed)
         reset_adapter(model, global_state)
-    return ProximalSFTTrainer(
+    trainer = ProximalSFTTrainer(
         proximal_mu=proximal_mu,
         model=model,
         args=sft_config(cfg, lr, output_dir, device),
@@ -165,6 +171,8 @@ def make_trainer(
         processing_class=load_tokenizer(cfg.model.name),
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the server logs each round
+    return trainer
 
 
 def train_one_round(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,20 +40,40 @@ def flwr_run_command(connection: str, overrides: dict) -> list[str]:
             "--run-config", run_config_arg(overrides)]
 
 
-def flwr_run(tmp_path: Path, overrides: dict, timeout: int = 900) -> str:
-    """Run the app to completion on a private SuperLink (stopped afterwards); the log."""
+@contextlib.contextmanager
+def simulation_superlink(tmp_path: Path) -> Iterator[tuple[dict[str, str], str]]:
+    """A private SuperLink for `flwr run` (environment, connection), stopped by PID afterwards."""
     home = tmp_path / "flwr-home"
     superlink, connection = start_simulation_superlink(home, tmp_path / "superlink.log")
     try:
-        proc = subprocess.run(
-            flwr_run_command(connection, overrides),
-            env=flower_env(home), capture_output=True, text=True, timeout=timeout, check=False,
-        )
+        yield flower_env(home), connection
     finally:
         stop_tree(superlink.pid)
+
+
+def flwr_run_on(env: dict[str, str], connection: str, overrides: dict, timeout: int = 900) -> str:
+    """`flwr run --stream` to the run's end; its output (exit status 0 asserted)."""
+    proc = subprocess.run(
+        flwr_run_command(connection, overrides), env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     return log
+
+
+def flwr_run(tmp_path: Path, overrides: dict, timeout: int = 900) -> str:
+    """Run the app to completion on a private SuperLink (stopped afterwards); the log."""
+    with simulation_superlink(tmp_path) as (env, connection):
+        return flwr_run_on(env, connection, overrides, timeout)
+
+
+def run_status(env: dict[str, str], connection: str, log: str) -> dict:
+    """`flwr ls --run-id <id> --format json` of the run that `log` started."""
+    run_id = re.search(r"Successfully started run (\d+)", log).group(1)
+    proc = subprocess.run([str(BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
+                          env=env, capture_output=True, text=True, timeout=60, check=True)
+    (run,) = json.loads(proc.stdout)["runs"]
+    return run
 
 
 def round_lines(log: str) -> list[tuple[str, str, str, str]]:
@@ -66,7 +88,18 @@ def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
     overrides = tiny_overrides(
         tiny_llama_dir, **{"model.quantization": 4, "num-server-rounds": 2, "train.output-dir": str(tmp_path / "results")}
     )
-    log = flwr_run(tmp_path, overrides)
+    with simulation_superlink(tmp_path) as (env, connection):
+        log = flwr_run_on(env, connection, overrides)
+        assert run_status(env, connection, log)["status"] == "finished:completed"
+        # a bad value: one line naming key and value, no traceback, and a failed run in `flwr ls`
+        bad = flwr_run_on(env, connection, {**overrides, "model.quantization": 16})
+        status = run_status(env, connection, bad)
+    message = "model.quantization=16: expected 4, 8, or none (0)"
+    assert status["status"] == "finished:failed" and message in status["status-details"], status
+    lines = [line for line in bad.splitlines() if message in line]
+    assert len(lines) == 1 and lines[0].endswith(f"Run stopped: {message}"), bad[-3000:]
+    assert "Traceback" not in bad and "Exit Code: 700 (run failed; see the line above)" in bad, bad[-3000:]
+    assert len(list((tmp_path / "results").iterdir())) == 1  # the failed run wrote nothing
     assert "(2 of 20 nodes)" in log, log[-3000:]
     rounds = round_lines(log)
     assert [(r, c, f) for r, c, f, _ in rounds] == [("1", "2", "0"), ("2", "2", "0")], log[-3000:]

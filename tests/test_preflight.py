@@ -10,7 +10,7 @@ from flwr.app import Context, RecordDict
 
 from flowertune_llm import server_app
 from flowertune_llm.config import ConfigError, parse_config
-from flowertune_llm.preflight import leaderboard_warnings, preflight
+from flowertune_llm.preflight import federation_warning, leaderboard_warnings, preflight
 from tests.conftest import ALPACA_SUBSET, default_run_config, tiny_run_config
 
 
@@ -65,7 +65,7 @@ def test_offline_mode_without_cache_is_named(monkeypatch: pytest.MonkeyPatch) ->
                                "eval.every-round": 0})
     )
     with pytest.raises(ConfigError, match="model.name='HuggingFaceTB/no-such-model-xyz': HF_HUB_OFFLINE is set"):
-        preflight(cfg, num_nodes=20)
+        preflight(cfg)
 
 
 @pytest.mark.parametrize("key", ["model.name", "static.dataset.name"])
@@ -87,17 +87,19 @@ def test_unreachable_hub_stops_within_seconds(
     overrides = {key: "someorg/not-cached"}
     start = time.monotonic()
     with pytest.raises(ConfigError, match=f"{key}='someorg/not-cached': the Hugging Face hub cannot be reached"):
-        preflight(parse_config(tiny_run_config(tiny_llama_dir, **overrides)), num_nodes=20)
+        preflight(parse_config(tiny_run_config(tiny_llama_dir, **overrides)))
     assert time.monotonic() - start < 10
     hub_reachable.cache_clear()
 
 
 def test_leaderboard_rules_are_reported_not_refused(tiny_llama_dir: Path) -> None:
     cfg = parse_config(tiny_run_config(tiny_llama_dir))
-    reasons = leaderboard_warnings(cfg, num_nodes=2)
-    assert any("static.dataset.name" in r for r in reasons)
-    assert any("2 SuperNodes" in r for r in reasons)
-    assert leaderboard_warnings(parse_config(default_run_config()), num_nodes=20) == []
+    assert any("static.dataset.name" in r for r in leaderboard_warnings(cfg))
+    assert leaderboard_warnings(parse_config(default_run_config())) == []
+    warning = federation_warning(2)
+    assert warning is not None and "has 2 SuperNodes" in warning
+    assert "`flowertune-llm federation`" in warning and '--federation-config "num-supernodes=20"' in warning
+    assert federation_warning(20) is None
 
 
 def test_unreachable_eval_data_is_named_before_any_model_loads(
@@ -141,3 +143,29 @@ def test_chat_template_is_required_for_the_chat_prompt(tmp_path: Path, tiny_llam
     with pytest.raises(ConfigError, match="train.prompt-template='chat': the tokenizer of model.name=.* has no chat template"):
         run_server(tiny_run_config(plain, **{"train.prompt-template": "chat"}), tmp_path)
     assert not (tmp_path / "results").exists()
+
+
+def test_an_expected_error_logs_one_line_and_the_exit_block_shrinks() -> None:
+    import io
+    import logging
+
+    from flowertune_llm.logs import OneLineErrors
+
+    logger = logging.getLogger("flowertune-test-one-line")
+    stream = io.StringIO()
+    logger.addHandler(logging.StreamHandler(stream))
+    logger.addFilter(OneLineErrors((ConfigError,)))
+    logger.propagate = False
+    try:
+        parse_config(default_run_config(**{"model.quantization": 16}))
+    except ConfigError as exc:
+        logger.error("%s raised an exception", "Simulation", exc_info=exc)
+    logger.error("Exit Code: 700\n\nAn unhandled exception occurred.\n\nFor more information, visit: <url>")
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as exc:
+        logger.error("%s raised an exception", "ServerApp", exc_info=exc)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "Run stopped: model.quantization=16: expected 4, 8, or none (0)"
+    assert lines[1] == "Exit Code: 700 (run failed; see the line above)"
+    assert lines[2] == "ServerApp raised an exception" and "Traceback" in lines[3]  # real bugs keep theirs

@@ -37,11 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (not the one at creation)."""
+
+    @property
+    def stream(self):  # noqa: ANN201, D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def log_warnings_as_lines() -> None:
     """Print the evaluation's warnings (e.g. the batching check's) as one 'warning: ...' line each."""
     logger = logging.getLogger("flowertune_llm")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         handler.setLevel(logging.WARNING)
         logger.addHandler(handler)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft.tuners.lora.dora import DoraLinearLayer
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -380,6 +382,50 @@ def check_batching(
     return BatchingCheck("one-at-a-time", 1, batch_size, **figures, reason="probe differed"), solo
 
 
+@contextlib.contextmanager
+def dora_norm_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Compute each DoRA layer's weight norm once for this model's current adapter, not per forward.
+
+    The norm depends only on the (frozen) base weight and the adapter, not on the input, so PEFT's
+    own cache gives the same logits bit for bit; it is emptied on entry and exit because the
+    caller may swap the adapter's tensors between evaluations.
+    """
+    from peft.helpers import DoraCaching
+
+    layers = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
+    for layer in layers:
+        layer._cache_clear()
+    try:
+        with DoraCaching():
+            yield
+    finally:
+        for layer in layers:
+            layer._cache_clear()
+
+
+def _generate_rest(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    new_tokens: list[int],
+    batch_size: int,
+    solo: SoloAnswers,
+    outputs: list[str],
+    letter_logits: torch.Tensor,
+    letters: list[int],
+    show_progress: bool,
+) -> None:
+    with tqdm(total=len(prompts), initial=len(solo.texts), desc="MMLU", unit="q", disable=not show_progress) as bar:
+        for length in sorted(set(new_tokens)):
+            sel = [i for i, n in enumerate(new_tokens) if n == length and i not in solo.texts]
+            if not sel:
+                continue
+            texts, logits = generate(model, tokenizer, [prompts[i] for i in sel], length, batch_size, bar, letters)
+            for i, text, row in zip(sel, texts, logits):
+                outputs[i] = text
+                letter_logits[i] = row
+
+
 def evaluate_questions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -395,22 +441,14 @@ def evaluate_questions(
     letters = letter_token_ids(tokenizer)
     # max_new_tokens = tokens of the gold letter (1 for SmolLM2); group equal lengths.
     new_tokens = [len(tokenizer(q.answer, add_special_tokens=False).input_ids) for _, q in items]
-    check, solo = check_batching(model, tokenizer, prompts, batch_size, allow_inexact_batching, new_tokens, letters)
-    outputs = [solo.texts.get(i, "") for i in range(len(items))]
-    letter_logits = torch.empty(len(items), len(letters))
-    for i, row in solo.letter_logits.items():
-        letter_logits[i] = row
-    with tqdm(total=len(items), initial=len(solo.texts), desc="MMLU", unit="q", disable=not show_progress) as bar:
-        for length in sorted(set(new_tokens)):
-            sel = [i for i, n in enumerate(new_tokens) if n == length and i not in solo.texts]
-            if not sel:
-                continue
-            texts, logits = generate(
-                model, tokenizer, [prompts[i] for i in sel], length, check.batch_size, bar, letters
-            )
-            for i, text, row in zip(sel, texts, logits):
-                outputs[i] = text
-                letter_logits[i] = row
+    with dora_norm_cache(model):
+        check, solo = check_batching(model, tokenizer, prompts, batch_size, allow_inexact_batching, new_tokens, letters)
+        outputs = [solo.texts.get(i, "") for i in range(len(items))]
+        letter_logits = torch.empty(len(items), len(letters))
+        for i, row in solo.letter_logits.items():
+            letter_logits[i] = row
+        _generate_rest(model, tokenizer, prompts, new_tokens, check.batch_size, solo, outputs, letter_logits,
+                       letters, show_progress)
     results: dict[str, CategoryResult] = {c: CategoryResult(c, 0, 0) for c in questions}
     for (category, q), prompt, out, row in zip(items, prompts, outputs, letter_logits):
         record = {

@@ -1,0 +1,82 @@
+"""What the app's processes print: known third-party notices silenced, expected errors in one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+#: Warnings raised by libraries we import that tell the user nothing they can act on
+#: (category, start of the message). Anything else still shows.
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (DeprecationWarning, r"`torch\.jit\.script"),  # torch's own modules, at import
+    (FutureWarning, r"Tip: In future versions of Ray"),  # ray.init, num_gpus=0 on CPU
+    (UserWarning, r"The installed version of bitsandbytes was compiled without GPU support"),
+    (UserWarning, r"MatMul8bitLt: inputs will be cast from"),
+    (UserWarning, r"Input type into Linear4bit is torch\.float16"),
+    (UserWarning, r"`torch_dtype` is deprecated"),
+    (FutureWarning, r"`torch_dtype` is deprecated"),
+    (UserWarning, r"None of the inputs have requires_grad=True"),  # checkpointing, frozen embeddings
+    (UserWarning, r"Padding-free training is enabled"),
+    (UserWarning, r"You passed a tokenizer with `padding_side`"),
+    (DeprecationWarning, r"Use `Grid\.get_node_ids\(\)`"),
+)
+
+#: Loggers whose notices are about optional extras we do not use ({logger: start of message}).
+KNOWN_LOG_NOTICES: dict[str, str] = {
+    # CPUs with AVX512-BF16: bnb tries to fetch an optional kernel from the hub; the built-in one runs.
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_third_party() -> None:
+    """Silence the known notices above in this process (idempotent; other warnings still show)."""
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, prefix in KNOWN_LOG_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class OneLineErrors(logging.Filter):
+    """On Flower's logger: an expected error (bad config, bad path) logs as its message, no traceback.
+
+    Flower logs an exception escaping the ServerApp with its traceback and then an exit-code
+    block; for an error the user made, the message (which names the key and value) is all that
+    helps. The run still ends as failed (`flwr ls` shows `finished:failed`), as for any exception.
+    """
+
+    def __init__(self, expected: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.expected = expected
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.expected):
+            record.msg, record.args = "Run stopped: %s", (str(exc),)
+            record.exc_info, record.exc_text = None, None
+            self.seen = True
+        elif self.seen and isinstance(record.msg, str) and record.msg.startswith("Exit Code:"):
+            record.msg, record.args = record.msg.split("\n", 1)[0] + " (run failed; see the line above)", ()
+        return True
+
+
+def one_line_errors(expected: tuple[type[BaseException], ...]) -> None:
+    """Install `OneLineErrors` on Flower's logger once per process."""
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, OneLineErrors) for f in logger.filters):
+        logger.addFilter(OneLineErrors(expected))
