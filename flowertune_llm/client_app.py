@@ -11,7 +11,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from flowertune_llm.config import parse_config
-from flowertune_llm.models import arrays_to_state, state_to_arrays
+from flowertune_llm.models import arrays_to_state, set_process_threads, state_to_arrays
 from flowertune_llm.train import evaluate_adapter, train_one_round
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,6 +35,7 @@ def _partition(context: Context) -> tuple[int, int]:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this node's partition for one round."""
     cfg = parse_config(context.run_config)
+    set_process_threads()
     partition_id, num_partitions = _partition(context)
     result = train_one_round(
         cfg,
@@ -53,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Completion loss of the global adapter on a slice of this node's partition."""
     cfg = parse_config(context.run_config)
+    set_process_threads()
     partition_id, num_partitions = _partition(context)
     loss, n = evaluate_adapter(cfg, arrays_to_state(msg.content["arrays"]), partition_id, num_partitions)
     metrics = MetricRecord({"eval_loss": loss, "num-examples": n})

@@ -11,44 +11,40 @@ import warnings
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (DeprecationWarning, r"`torch\.jit\.script"),  # torch's own modules, at import
     (FutureWarning, r"Tip: In future versions of Ray"),  # ray.init, num_gpus=0 on CPU
-    (UserWarning, r"The installed version of bitsandbytes was compiled without GPU support"),
-    (UserWarning, r"MatMul8bitLt: inputs will be cast from"),
-    (UserWarning, r"Input type into Linear4bit is torch\.float16"),
-    (UserWarning, r"`torch_dtype` is deprecated"),
-    (FutureWarning, r"`torch_dtype` is deprecated"),
-    (UserWarning, r"None of the inputs have requires_grad=True"),  # checkpointing, frozen embeddings
-    (UserWarning, r"Padding-free training is enabled"),
-    (UserWarning, r"You passed a tokenizer with `padding_side`"),
-    (DeprecationWarning, r"Use `Grid\.get_node_ids\(\)`"),
+    # transformers 5.24 renames gradient -> activation checkpointing; PEFT and TRL still call the old names
+    (FutureWarning, r"`(is_)?gradient_checkpointing(_enable|_kwargs)?` is deprecated"),
 )
 
-#: Loggers whose notices are about optional extras we do not use ({logger: start of message}).
-KNOWN_LOG_NOTICES: dict[str, str] = {
+#: Log records about optional extras or internals ({logger: starts of messages}).
+KNOWN_LOG_NOTICES: dict[str, tuple[str, ...]] = {
     # CPUs with AVX512-BF16: bnb tries to fetch an optional kernel from the hub; the built-in one runs.
-    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    "flwr": (
+        "fraction_evaluate is set to 0.0",  # the app's default: no federated evaluation, on purpose
+        "Manually terminating ClientAppActor",  # every simulated client, after the run's last line
+    ),
 }
 
 
 class _DropNotice(logging.Filter):
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
         super().__init__()
-        self.prefix = prefix
+        self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def quiet_third_party() -> None:
     """Silence the known notices above in this process (idempotent; other warnings still show)."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name, prefix in KNOWN_LOG_NOTICES.items():
+    for name, prefixes in KNOWN_LOG_NOTICES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotice) for f in logger.filters):
-            logger.addFilter(_DropNotice(prefix))
+            logger.addFilter(_DropNotice(prefixes))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 class OneLineErrors(logging.Filter):

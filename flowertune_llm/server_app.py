@@ -21,7 +21,7 @@ from flowertune_llm.gguf import GgufError
 from flowertune_llm.logs import one_line_errors
 from flowertune_llm.metrics import RunLog
 from flowertune_llm.evaluate.validation import Validator
-from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
+from flowertune_llm.models import arrays_to_state, initial_adapter, set_process_threads, state_to_arrays
 from flowertune_llm.preflight import federation_warning, preflight
 from flowertune_llm.strategy import CommStats, build_strategy, with_dp
 
@@ -36,6 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     if warning := federation_warning(num_nodes):  # first: before anything slow happens
         log(WARNING, "%s", warning)
     cfg = parse_config(context.run_config)
+    set_process_threads()  # evaluation runs between rounds, while the ClientApps wait
     resume = load_resume(cfg) if cfg.train.resume_from else None
     questions = preflight(cfg)
 

@@ -314,3 +314,44 @@ def test_cli_bad_category_fails_before_loading_a_model(tmp_path: Path, capsys) -
     assert code == 2
     assert "--category nope: unknown" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_dora_norm_cache_gives_bit_identical_logits_and_follows_adapter_swaps(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The norm is computed once per layer per adapter; logits equal the uncached ones bit for bit."""
+    from peft import set_peft_model_state_dict
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    from flowertune_llm.evaluate.runner import dora_norm_cache, letter_token_ids
+    from flowertune_llm.models import adapter_state
+
+    qs = by_category(load_questions(str(MMLU_TEST)), ["stem"], limit=3)["stem"]
+    prompts = [build_prompt(q.question, list(q.options)) for q in qs]
+    model, tok = load_model(str(tiny_llama_dir), None, 4, "cpu")
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.075, use_dora=True, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config).eval()
+    layers = sum(isinstance(m, DoraLinearLayer) for m in model.modules())
+    letters = letter_token_ids(tok)
+    norms = {"n": 0}
+    real_norm = torch.linalg.norm
+
+    def counting_norm(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        norms["n"] += 1
+        return real_norm(*a, **kw)
+
+    monkeypatch.setattr(torch.linalg, "norm", counting_norm)
+    logits = []
+    for seed in (1, 2):  # two different trained-looking adapters, swapped in like AdapterScorer does
+        torch.manual_seed(seed)
+        set_peft_model_state_dict(model, {k: v + 0.05 * torch.randn_like(v) for k, v in adapter_state(model).items()})
+        norms["n"] = 0
+        plain = generate(model, tok, prompts, 1, 1, None, letters)
+        assert norms["n"] == layers * len(prompts)  # PEFT alone: every forward pass
+        norms["n"] = 0
+        with dora_norm_cache(model):
+            cached = generate(model, tok, prompts, 1, 1, None, letters)
+        assert norms["n"] == layers  # once per layer for this adapter
+        assert cached[0] == plain[0] and torch.equal(cached[1], plain[1])
+        logits.append(cached[1])
+    assert not torch.equal(logits[0], logits[1])  # the swap really changed the model (and the cache followed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from flowertune_llm.config import parse_config
@@ -32,3 +33,17 @@ def test_local_evaluation_returns_a_finite_loss(tiny_llama_dir: Path) -> None:
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     loss, n = evaluate_adapter(cfg, start, partition_id=1, num_partitions=20)
     assert math.isfinite(loss) and n == 50
+
+
+def test_threads_follow_the_cpus_a_process_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from flowertune_llm.models import process_threads
+
+    available = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets for client-resources-num-cpus=1
+    assert process_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(available + 7))  # never more than the process can run on
+    assert process_threads() == available
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert process_threads() == available

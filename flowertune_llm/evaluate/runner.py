@@ -382,6 +382,10 @@ def check_batching(
     return BatchingCheck("one-at-a-time", 1, batch_size, **figures, reason="probe differed"), solo
 
 
+#: Cache DoRA weight norms during an evaluation (False only to measure the uncached cost).
+DORA_NORM_CACHE = True
+
+
 @contextlib.contextmanager
 def dora_norm_cache(model: torch.nn.Module) -> Iterator[None]:
     """Compute each DoRA layer's weight norm once for this model's current adapter, not per forward.
@@ -392,6 +396,9 @@ def dora_norm_cache(model: torch.nn.Module) -> Iterator[None]:
     """
     from peft.helpers import DoraCaching
 
+    if not DORA_NORM_CACHE:
+        yield
+        return
     layers = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
     for layer in layers:
         layer._cache_clear()

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from flowertune_llm.config import parse_config
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.models import initial_adapter
+import flowertune_llm.train as train_mod
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
+from tests.benchmarks import machine
 from tests.conftest import ALPACA_SUBSET, tiny_run_config
 
 
@@ -41,17 +41,53 @@ class StepTimer(TrainerCallback):
         self.total += time.perf_counter() - self._start
 
 
+PARTS = ("round_tokenizer", "reset_adapter", "adapter_state", "load_partition")
+
+
+class PartTimer:
+    """Wall time spent in named functions of `flowertune_llm.train` (and the trainer's construction)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._patched: list[tuple[object, str, object]] = []
+
+    def _wrap(self, owner: object, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+        self._patched.append((owner, name, original))
+
+    def __enter__(self) -> PartTimer:
+        for name in PARTS:
+            self._wrap(train_mod, name, name)
+        self._wrap(train_mod.ProximalSFTTrainer, "__init__", "trainer construction")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+
+
 def run(cfg, start, rounds: int, keep: bool) -> list[dict]:
     """`rounds` rounds of one client; the model and tokenized data kept or rebuilt each round."""
     models, tokenized = (ModelCache(), TokenizedCache()) if keep else (None, None)
     out, state = [], start
     for rnd in range(1, rounds + 1):
         timer = StepTimer()
-        t0 = time.perf_counter()
-        result = train_one_round(cfg, state, 0, 20, 1e-4, models, tokenized, callbacks=[timer])
-        wall = time.perf_counter() - t0
+        with PartTimer() as parts:
+            t0 = time.perf_counter()
+            result = train_one_round(cfg, state, 0, 20, 1e-4, models, tokenized, callbacks=[timer])
+            wall = time.perf_counter() - t0
         out.append({"round": rnd, "wall_s": round(wall, 2), "steps_s": round(timer.total, 2),
-                    "overhead_s": round(wall - timer.total, 2)})
+                    "overhead_s": round(wall - timer.total, 2),
+                    "overhead_parts_s": {k: round(v, 3) for k, v in parts.totals.items()}})
         state = result.state
     return out
 
@@ -77,11 +113,13 @@ def main() -> None:
     kept = run(cfg, start, args.rounds, keep=True)
     later = range(1, args.rounds)  # round 2 on
     ratio = sum(kept[i]["overhead_s"] for i in later) / sum(rebuilt[i]["overhead_s"] for i in later)
+    kept_per_round = sum(kept[i]["overhead_s"] for i in later) / len(later)
     print(json.dumps({
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": machine(),
         "device": "cpu", "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized) in 4-bit",
         "rebuilt_each_round": rebuilt, "kept_across_rounds": kept,
         "overhead_kept_over_rebuilt_round2_on": round(ratio, 3),
+        "overhead_kept_per_round_s_round2_on": round(kept_per_round, 3),
     }, indent=2))
 
 

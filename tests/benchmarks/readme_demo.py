@@ -65,6 +65,7 @@ def main() -> int:
     """Run both blocks; exit non-zero if either fails."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary project copy and homes")
+    parser.add_argument("--log", type=Path, help="write the whole output of both blocks here")
     args = parser.parse_args()
     if port_in_use(LOCAL_SUPERLINK_PORT):
         print(f"127.0.0.1:{LOCAL_SUPERLINK_PORT} is in use: a local SuperLink is already running, and the "
@@ -97,6 +98,8 @@ def main() -> int:
         stopped = stop_local_superlink(Path(env["FLWR_HOME"]))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if args.log:
+        args.log.write_text(proc.stdout)
     first, _, rest = proc.stdout.partition(MARKER)
     marker_time, _, second = rest.partition("\n")
     split = float(marker_time) if marker_time.strip() else end
