@@ -11,3 +11,7 @@ quiet_third_party()  # before torch and friends import: their import-time notice
 import transformers  # noqa: E402, F401  (isort: skip)
 from peft import PeftModel  # noqa: E402, F401
 from trl import SFTConfig, SFTTrainer  # noqa: E402, F401
+
+from flowertune_llm.logs import quiet_progress_bars  # noqa: E402
+
+quiet_progress_bars()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 #: Warnings raised by libraries we import that tell the user nothing they can act on
@@ -15,24 +16,31 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`(is_)?gradient_checkpointing(_enable|_kwargs)?` is deprecated"),
 )
 
-#: Log records about optional extras or internals ({logger: starts of messages}).
+#: Log records about optional extras, or Flower's placeholders for features the app does not use
+#: ({logger: regexes searched in the message}).
 KNOWN_LOG_NOTICES: dict[str, tuple[str, ...]] = {
     # CPUs with AVX512-BF16: bnb tries to fetch an optional kernel from the hub; the built-in one runs.
-    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    "bitsandbytes.backends.cpu.ops": (r"^Failed to load CPU gemm_4bit_forward from kernels-community",),
     "flwr": (
-        "fraction_evaluate is set to 0.0",  # the app's default: no federated evaluation, on purpose
-        "Manually terminating ClientAppActor",  # every simulated client, after the run's last line
+        r"^fraction_evaluate is set to 0\.0",  # the app's default: no federated evaluation, on purpose
+        r"^Manually terminating ClientAppActor",  # every simulated client, after the run's last line
+        r"\(empty!\)$",  # the per-round train config is built per round (the LR), not up front
+        r"^Initial global evaluation results: None$",  # the app logs its own round-0 evaluation
+        r"└──> MetricRecord: None$",
+        r"^\s*Aggregated ClientApp-side Evaluate Metrics:$",
+        r"^\s*\{\}$",
     ),
 }
 
 
 class _DropNotice(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
+    def __init__(self, patterns: tuple[str, ...]) -> None:
         super().__init__()
-        self.prefixes = prefixes
+        self.patterns = [re.compile(p) for p in patterns]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
+        message = record.getMessage()
+        return not any(p.search(message) for p in self.patterns)
 
 
 def quiet_third_party() -> None:
@@ -45,6 +53,18 @@ def quiet_third_party() -> None:
             logger.addFilter(_DropNotice(prefixes))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # progress bars of weight loading and dataset preparation: in a streamed run log each redraw is a line
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def quiet_progress_bars() -> None:
+    """The same for libraries imported before `quiet_third_party` set the environment."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 class OneLineErrors(logging.Filter):

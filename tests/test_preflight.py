@@ -169,3 +169,32 @@ def test_an_expected_error_logs_one_line_and_the_exit_block_shrinks() -> None:
     assert lines[0] == "Run stopped: model.quantization=16: expected 4, 8, or none (0)"
     assert lines[1] == "Exit Code: 700 (run failed; see the line above)"
     assert lines[2] == "ServerApp raised an exception" and "Traceback" in lines[3]  # real bugs keep theirs
+
+
+def test_known_third_party_notices_are_dropped_and_other_lines_kept() -> None:
+    import io
+    import logging
+    import warnings
+
+    import flowertune_llm  # noqa: F401  (installs the filters, as in every app process)
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(handler)
+    try:
+        for message in ("\t├── ConfigRecord (train): (empty!)", "Initial global evaluation results: None",
+                        "Manually terminating ClientAppActor", "[round 1/2] train_loss=2.1 clients=2",
+                        "fraction_evaluate is set to 0.0. Federated evaluation will be skipped."):
+            flwr_logger.warning(message)
+    finally:
+        flwr_logger.removeHandler(handler)
+    assert stream.getvalue().splitlines() == ["[round 1/2] train_loss=2.1 clients=2"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        from flowertune_llm.logs import quiet_third_party
+
+        quiet_third_party()
+        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something the user should see", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something the user should see"]
