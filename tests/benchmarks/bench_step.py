@@ -70,6 +70,8 @@ def _child(args: argparse.Namespace) -> None:
             self._t = self._ru = None
 
         def on_step_begin(self, a, state, control, **kw):  # noqa: ANN001, D102
+            if state.global_step == 1:  # after the warm-up: peak memory of the timed steps only
+                reset_peak_rss()
             if args.profile and state.global_step == steps - 1:
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 self.prof.__enter__()
@@ -101,7 +103,7 @@ def _child(args: argparse.Namespace) -> None:
         "user_s_per_step": sum(r["user"] for r in timed) / len(timed),
         "sys_s_per_step": sum(r["sys"] for r in timed) / len(timed),
         "tokens_per_step": sum(tokens.per_step[1 : 1 + args.steps]) / len(timed),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "losses": meter.losses,
         "threads": torch.get_num_threads(),
     }
@@ -110,6 +112,20 @@ def _child(args: argparse.Namespace) -> None:
         out["profile"] = profile_table(meter.prof, meter.rows[-1]["wall"] * 1e3)
     save_file({k: v.contiguous() for k, v in result.state.items()}, args.adapter_out)
     Path(args.json_out).write_text(json.dumps(out))
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's resident-memory high-water mark (Linux: /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process in MB: the peak since the last reset."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class TokenCounter:
@@ -159,7 +175,7 @@ def labelled_phases() -> Iterator[None]:
     in_backward = lambda: torch._C._current_graph_task_id() != -1  # noqa: E731
     wrap(PeftModelForCausalLM, "forward", "#model forward")
     wrap(LlamaModel, "forward", "#backbone forward")
-    wrap(LlamaDecoderLayer, "__call__", lambda: "#layer recompute" if in_backward() else "#layer forward")
+    wrap(LlamaDecoderLayer, "forward", lambda: "#layer recompute" if in_backward() else "#layer forward")
     wrap(DoraLinearLayer, "get_weight_norm", "#dora weight norm")
     try:
         yield
@@ -199,7 +215,7 @@ def _run_side(side: str, args: argparse.Namespace, tmp: Path) -> tuple[dict, Pat
     adapter, out = tmp / f"{side}.safetensors", tmp / f"{side}.json"
     cmd = [sys.executable, "-m", "tests.benchmarks.bench_step", "--side", side, "--steps", str(args.steps),
            "--adapter-out", str(adapter), "--json-out", str(out)]
-    cmd += ["--proxy"] * args.proxy + ["--no-checkpointing"] * args.no_checkpointing + ["--profile"] * args.profile
+    cmd += ["--proxy"] * args.proxy + ["--no-checkpointing"] * args.no_checkpointing + ["--no-profile"] * (not args.profile)
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.read_text()), adapter
 
@@ -207,7 +223,7 @@ def _run_side(side: str, args: argparse.Namespace, tmp: Path) -> tuple[dict, Pat
 def _print_side(res: dict) -> None:
     print(f"\n[{res['side']}] {res['settings']}, torch threads {res['threads']}")
     print(f"  {res['s_per_step']:.2f} s/step | {res['tokens_per_step']:.0f} tokens/step, {res['tokens_per_s']:.1f} tokens/s"
-          f" | user {res['user_s_per_step']:.2f} s + sys {res['sys_s_per_step']:.2f} s per step | peak RSS {res['peak_rss_mb']:.0f} MB")
+          f" | user {res['user_s_per_step']:.2f} s + sys {res['sys_s_per_step']:.2f} s per step | peak RSS during the timed steps {res['peak_rss_mb']:.0f} MB")
     if "profile" in res:
         print("  profile of one step (ms, CPU time; nested rows overlap):")
         for name, ms in res["profile"]:
