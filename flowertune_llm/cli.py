@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from flowertune_llm.config import LEADERBOARD_NUM_SUPERNODES
 from flowertune_llm.evaluate import cli as eval_cli
@@ -30,6 +31,17 @@ def _stop(args: argparse.Namespace) -> int:
     where = get_flwr_home() / "local-superlink"
     print(f"stopped the local SuperLink of {where} (PID {', '.join(map(str, pids))})" if pids
           else f"no local SuperLink of {where} is running")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from flowertune_llm.certs import make_certificates
+
+    files = make_certificates(Path(args.out), args.host, args.supernodes, args.days)
+    print("\n".join(f"wrote {p}" for p in files))
+    print("keys (ca.key, server.key, supernode_<i>) are owner-only (0600); give ca.crt to every SuperNode "
+          "and flwr user, server.pem + server.key to the SuperLink, supernode_<i> to SuperNode i, and "
+          "register supernode_<i>.pub (docs/deployment.md)")
     return 0
 
 
@@ -77,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     fed.add_argument("--connection", default="local", help="SuperLink connection to configure")
     fed.set_defaults(func=_federation)
 
+    certs = sub.add_parser("certs", help="CA + SuperLink TLS certificate (+ SuperNode key pairs) for a secure federation")
+    certs.add_argument("--out", required=True, help="folder to write into (existing files are never overwritten)")
+    certs.add_argument("--host", action="append", default=[], required=True,
+                       help="the SuperLink's DNS name or IP address (repeat for several)")
+    certs.add_argument("--supernodes", type=int, default=0, help="also make this many SuperNode key pairs")
+    certs.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    certs.set_defaults(func=_certs)
+
     stop = sub.add_parser("stop-local-superlink", help="stop the SuperLink `flwr run` started for this FLWR_HOME")
     stop.set_defaults(func=_stop)
 
@@ -101,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

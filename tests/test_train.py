@@ -47,3 +47,50 @@ def test_threads_follow_the_cpus_a_process_was_given(monkeypatch: pytest.MonkeyP
     assert process_threads() == available
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert process_threads() == available
+
+
+def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch through the trainer's loss, plain path (TRL's bf16 adapter) vs optimized (float32 on CPU).
+
+    Both must equal the textbook loss: mean cross-entropy over the completion tokens only, from the
+    model's own forward; a change of the mask or of the normalisation fails here.
+    """
+    import flowertune_llm.train as train_mod
+    from flowertune_llm.dataset import load_partition
+    from flowertune_llm.train import make_trainer
+    from tests.conftest import ALPACA_SUBSET
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"model.quantization": 4, "static.dataset.name": str(ALPACA_SUBSET)}))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    torch.manual_seed(0)  # a trained-looking adapter, so the adapter's dtype matters
+    start = {k: v + 0.05 * torch.randn_like(v) if "lora_B" in k else v for k, v in start.items()}
+    data = load_partition(cfg.dataset_name, 0, 20, cfg.train.seed, cfg.train.prompt_template)
+    results = {}
+    for optimized in (False, True):
+        monkeypatch.setattr(train_mod, "OPTIMIZED", optimized)
+        trainer = make_trainer(cfg, start, data, 1e-3, str(tmp_path / str(optimized)))
+        model = trainer.model
+        assert {p.dtype for p in model.parameters() if p.requires_grad} >= (
+            {torch.float32} if optimized else {torch.bfloat16}
+        )
+        batch = next(iter(trainer.get_train_dataloader()))
+        model.train()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+        with torch.no_grad():  # the textbook loss from the same weights
+            labels = batch["labels"]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            mask = labels[:, 1:] != -100
+            assert 0 < mask.sum() < batch["attention_mask"][:, 1:].sum()  # prompts are masked out
+            textbook = torch.nn.functional.cross_entropy(logits[:, :-1][mask], labels[:, 1:][mask])
+        results[optimized] = (loss.item(), textbook.item(), grads)
+        model.zero_grad(set_to_none=True)
+    (plain_loss, plain_ref, plain_grads), (fast_loss, fast_ref, fast_grads) = results[False], results[True]
+    assert fast_loss == pytest.approx(fast_ref, rel=1e-5)  # float32: the same computation
+    assert plain_loss == pytest.approx(plain_ref, rel=1e-2)  # bf16 adapter inside, float32 reference
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-2)
+    cosine = torch.nn.functional.cosine_similarity(fast_grads, plain_grads, dim=0).item()
+    assert cosine > 0.99, cosine

@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--compare", action="store_true", help="also measure the plain path (train.OPTIMIZED off) first")
     args = parser.parse_args()
     model_dir = import_gguf(fetch_smollm2_gguf())
     cfg = parse_config(tiny_run_config(Path(model_dir), **{
@@ -109,18 +110,24 @@ def main() -> None:
         "train.training-arguments.max-steps": args.max_steps,
     }))
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
-    rebuilt = run(cfg, start, args.rounds, keep=False)
-    kept = run(cfg, start, args.rounds, keep=True)
-    later = range(1, args.rounds)  # round 2 on
-    ratio = sum(kept[i]["overhead_s"] for i in later) / sum(rebuilt[i]["overhead_s"] for i in later)
-    kept_per_round = sum(kept[i]["overhead_s"] for i in later) / len(later)
-    print(json.dumps({
-        "machine": machine(),
-        "device": "cpu", "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized) in 4-bit",
-        "rebuilt_each_round": rebuilt, "kept_across_rounds": kept,
-        "overhead_kept_over_rebuilt_round2_on": round(ratio, 3),
-        "overhead_kept_per_round_s_round2_on": round(kept_per_round, 3),
-    }, indent=2))
+    print(f"machine: {machine()}; SmolLM2-135M-Instruct (GGUF Q4_1) in 4-bit, batch 4, seq {args.seq_length}, "
+          f"{args.max_steps} steps per round; overhead = round wall time minus time inside optimizer steps")
+    for optimized in ([False, True] if args.compare else [True]):
+        train_mod.OPTIMIZED = optimized
+        rebuilt = run(cfg, start, args.rounds, keep=False)
+        kept = run(cfg, start, args.rounds, keep=True)
+        later = range(1, args.rounds)  # round 2 on
+        ratio = sum(kept[i]["overhead_s"] for i in later) / sum(rebuilt[i]["overhead_s"] for i in later)
+        kept_per_round = sum(kept[i]["overhead_s"] for i in later) / len(later)
+        parts = {k: round(sum(kept[i]["overhead_parts_s"].get(k, 0.0) for i in later) / len(later), 3)
+                 for k in kept[-1]["overhead_parts_s"]}
+        print(f"\n[{'optimized' if optimized else 'plain'}]")
+        print("  rebuilt each round, overhead s: " + " / ".join(f"{r['overhead_s']:.2f}" for r in rebuilt)
+              + "   (steps s: " + " / ".join(f"{r['steps_s']:.2f}" for r in rebuilt) + ")")
+        print("  kept across rounds, overhead s: " + " / ".join(f"{r['overhead_s']:.2f}" for r in kept)
+              + "   (steps s: " + " / ".join(f"{r['steps_s']:.2f}" for r in kept) + ")")
+        print(f"  kept overhead from round 2 on: {kept_per_round:.2f} s per round = {100 * ratio:.1f}% of the rebuild's")
+        print(f"  where the kept overhead goes (s per round, round 2 on): {json.dumps(parts)}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ def _child(args: argparse.Namespace) -> None:
             self.prof = None
             self._t = self._ru = None
 
+        def on_train_begin(self, a, state, control, model=None, **kw):  # noqa: ANN001, D102
+            if args.profile and model is not None:
+                label_layers(model)
+
         def on_step_begin(self, a, state, control, **kw):  # noqa: ANN001, D102
             if state.global_step == 1:  # after the warm-up: peak memory of the timed steps only
                 reset_peak_rss()
@@ -154,34 +158,58 @@ class TokenCounter:
 
 @contextmanager
 def labelled_phases() -> Iterator[None]:
-    """Name the phases of a step for the profiler (record_function ranges around the real calls)."""
+    """Name the phases of a step for the profiler, without changing what runs.
+
+    Class methods are wrapped where that is harmless (the PEFT model's and the backbone's forward,
+    DoRA's weight norm). The decoder layers are not touched: transformers 5 checkpoints a layer
+    only if its class `forward` is its own wrapper, so wrapping it would switch checkpointing off.
+    Their attention and MLP modules get hooks instead (`label_layers`), which also fire when
+    gradient checkpointing recomputes a layer during backward.
+    """
     import torch
     from peft import PeftModelForCausalLM
     from peft.tuners.lora.dora import DoraLinearLayer
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+    from transformers.models.llama.modeling_llama import LlamaModel
 
     patched = []
 
-    def wrap(cls: type, attr: str, label: Any) -> None:
+    def wrap(cls: type, attr: str, label: str) -> None:
         original = getattr(cls, attr)
 
         def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-            with torch.profiler.record_function(label() if callable(label) else label):
+            with torch.profiler.record_function(label):
                 return original(*a, **kw)
 
         setattr(cls, attr, wrapper)
         patched.append((cls, attr, original))
 
-    in_backward = lambda: torch._C._current_graph_task_id() != -1  # noqa: E731
     wrap(PeftModelForCausalLM, "forward", "#model forward")
     wrap(LlamaModel, "forward", "#backbone forward")
-    wrap(LlamaDecoderLayer, "forward", lambda: "#layer recompute" if in_backward() else "#layer forward")
     wrap(DoraLinearLayer, "get_weight_norm", "#dora weight norm")
     try:
         yield
     finally:
         for cls, attr, original in reversed(patched):
             setattr(cls, attr, original)
+
+
+def label_layers(model: Any) -> None:
+    """Profiler ranges around every attention and MLP call: '#layer forward' or, inside backward, '#layer recompute'."""
+    import torch
+
+    def pre(module: Any, args: Any) -> None:
+        label = "#layer recompute" if torch._C._current_graph_task_id() != -1 else "#layer forward"
+        rf = torch.profiler.record_function(label)
+        rf.__enter__()
+        module._bench_ranges = [*getattr(module, "_bench_ranges", []), rf]
+
+    def post(module: Any, args: Any, output: Any) -> None:
+        module._bench_ranges.pop().__exit__(None, None, None)
+
+    for module in model.modules():
+        if type(module).__name__ in ("LlamaAttention", "LlamaMLP"):
+            module.register_forward_pre_hook(pre)
+            module.register_forward_hook(post)
 
 
 def profile_table(prof: Any, step_wall_ms: float) -> list[tuple[str, float]]:
@@ -196,8 +224,8 @@ def profile_table(prof: Any, step_wall_ms: float) -> list[tuple[str, float]]:
     model_fwd, backbone = get("#model forward"), get("#backbone forward")
     layer_fwd = get("#layer forward")
     return [
-        ("forward: decoder layers", layer_fwd),
-        ("forward: embeddings, final norm", backbone - layer_fwd),
+        ("forward: decoder layers (attention + MLP)", layer_fwd),
+        ("forward: embeddings, norms, residuals", backbone - layer_fwd),
         ("forward: LM head + loss (TRL fused, label positions only)", model_fwd - backbone),
         ("backward (autograd, incl. recomputation)", get("autograd::engine::evaluate_function")),
         ("  of which recomputation (gradient checkpointing)", get("#layer recompute")),
