@@ -76,7 +76,7 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
             {torch.float32} if optimized else {torch.bfloat16}
         )
         batch = next(iter(trainer.get_train_dataloader()))
-        model.train()
+        model.eval()  # no dropout: both losses below see the same network
         loss = trainer.compute_loss(model, batch)
         loss.backward()
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
