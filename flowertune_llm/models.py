@@ -131,9 +131,13 @@ def build_peft_model(settings: ModelSettings, device: str, seed: int) -> PeftMod
 
 
 def adapter_state(model: PeftModel) -> AdapterState:
-    """The adapter's tensors as float32 on CPU (TRL may have cast them to bf16)."""
+    """The adapter's tensors as float32 on CPU (TRL may have cast them to bf16), copied.
+
+    Always a copy: a float32 CPU parameter would otherwise be returned as itself, and the next
+    round's reset of a kept model would overwrite this round's result in place.
+    """
     return {
-        k: v.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
         for k, v in get_peft_model_state_dict(model).items()
     }
 
