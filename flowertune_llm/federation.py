@@ -51,20 +51,29 @@ def local_superlink_processes(flwr_home: Path | None = None) -> list[Any]:
     return found
 
 
-def stop_local_superlink(flwr_home: Path | None = None, timeout: float = 15.0) -> list[int]:
-    """Stop the local SuperLink of this FLWR_HOME and everything it started; the PIDs stopped."""
+def stop_process_tree(pid: int, timeout: float = 15.0) -> None:
+    """Terminate a process and all its descendants (collected first), then kill stragglers."""
     import psutil
 
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def stop_local_superlink(flwr_home: Path | None = None, timeout: float = 15.0) -> list[int]:
+    """Stop the local SuperLink of this FLWR_HOME and everything it started; the PIDs stopped."""
     stopped = []
     for root in local_superlink_processes(flwr_home):
-        procs = [root, *root.children(recursive=True)]
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
+        stop_process_tree(root.pid, timeout)
         stopped.append(root.pid)
     return stopped

@@ -123,8 +123,7 @@ def reset_adapter(model: PeftModel, state: AdapterState) -> None:
     for param in model.parameters():
         if param.requires_grad:
             param.grad = None
-            if param.dtype != torch.float32:  # TRL cast it to bf16 last round
-                param.data = param.data.to(torch.float32)
+    adapters_in_float32(model)  # TRL cast it to bf16 last round (on GPU)
     set_adapter_state(model, state)
 
 
@@ -189,7 +188,10 @@ def make_trainer(
 
 
 def adapters_in_float32(model: torch.nn.Module) -> None:
-    """Undo TRL's bf16 cast of the LoRA weights of a quantized model, on CPU.
+    """Put the trainable (adapter) weights back in float32, undoing TRL's bf16 cast for a quantized model.
+
+    Used before every round (a kept model starts from the float32 global adapter) and, on CPU,
+    after the trainer is built.
 
     TRL follows QLoRA and keeps the adapter in bf16; on a CPU without bf16 matmul units that
     makes every LoRA product and DoRA's extra base matmul and weight norm run in slow emulated
@@ -197,7 +199,7 @@ def adapters_in_float32(model: torch.nn.Module) -> None:
     both faster there and closer to the exact computation; the optimizer is created afterwards.
     """
     for param in model.parameters():
-        if param.requires_grad and param.dtype == torch.bfloat16:
+        if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.to(torch.float32)
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+from flowertune_llm.federation import stop_process_tree
 
 BIN = Path(sys.executable).parent
 
@@ -36,24 +36,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 def stop_tree(pid: int, timeout: float = 15.0) -> None:
-    """Terminate a process and all its descendants (collected first), then kill stragglers."""
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [root, *root.children(recursive=True)]
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    """Terminate a process and all its descendants, by PID (the product's own helper)."""
+    stop_process_tree(pid, timeout)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
