@@ -29,7 +29,8 @@ def federation_warning(num_nodes: int) -> str | None:
         f"This run does NOT qualify for the FlowerTune leaderboard: the federation has {num_nodes} "
         f"SuperNodes, the leaderboard requires {LEADERBOARD_NUM_SUPERNODES}. Fix: stop this run "
         f"(`flwr stop <run-id>`), run `flowertune-llm federation` once, then `flwr run .` again; or add "
-        f'`--federation-config "num-supernodes={LEADERBOARD_NUM_SUPERNODES}"` to `flwr run`'
+        f'`--federation-config "num-supernodes={LEADERBOARD_NUM_SUPERNODES}"` to `flwr run`; on the '
+        f"Deployment Engine, register and start {LEADERBOARD_NUM_SUPERNODES} SuperNodes (docs/deployment.md)"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,6 +36,23 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def run_config_arg(overrides: dict) -> str:
+    """`--run-config` text for these overrides (TOML values)."""
+
+    def fmt(v: object) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        return f"'{v}'" if isinstance(v, str) else str(v)
+
+    return " ".join(f"{k}={fmt(v)}" for k, v in overrides.items())
+
+
+def round_lines(log: str) -> list[tuple[str, str, str, str]]:
+    """(round, clients, failed, loss) from the server's per-round log lines."""
+    found = re.findall(r"\[round (\d+)/\d+\] train_loss=(\S+) lr=\S+ clients=(\d+) failed=(\d+)", log)
+    return [(rnd, clients, failed, loss) for rnd, loss, clients, failed in found]
+
+
 def stop_tree(pid: int, timeout: float = 15.0) -> None:
     """Terminate a process and all its descendants, by PID (the product's own helper)."""
     stop_process_tree(pid, timeout)
@@ -61,12 +79,10 @@ def start_simulation_superlink(flwr_home: Path, log_file: Path) -> tuple[subproc
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    proc = subprocess.Popen(
+    proc = spawn(
         [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
          "--port", str(port), "--disable-runtime-dependency-installation"],
-        env=flower_env(flwr_home),
-        stdout=open(log_file, "w"),  # noqa: SIM115 (closed with the process)
-        stderr=subprocess.STDOUT,
+        flower_env(flwr_home), log_file,
     )
     try:
         wait_for_port(port, proc)
@@ -76,35 +92,39 @@ def start_simulation_superlink(flwr_home: Path, log_file: Path) -> tuple[subproc
     return proc, "test"
 
 
-def start_deployment(flwr_home: Path, logs: Path, num_supernodes: int) -> tuple[list[subprocess.Popen], str]:
-    """A SuperLink (deployment mode) and SuperNodes on loopback, insecure, free ports."""
+def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a command with stdout+stderr into `log`."""
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def start_superlink(env: dict[str, str], log: Path, certs: Path | None) -> tuple[subprocess.Popen, int]:
+    """A deployment-mode SuperLink on a free loopback port: TLS + SuperNode auth from `certs`, else insecure."""
     port = free_port()
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    logs.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    security = (
+        ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+         "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"]
+        if certs else ["--insecure"]
     )
-    env = flower_env(flwr_home)
-    procs: list[subprocess.Popen] = []
+    proc = spawn([str(BIN / "flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port),
+                  "--disable-runtime-dependency-installation"], env, log)
     try:
-        superlink = subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-             "--disable-runtime-dependency-installation"],
-            env=env, stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        )
-        procs.append(superlink)
-        wait_for_port(port, superlink)
-        for i in range(num_supernodes):
-            node = subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                 "--port", str(free_port()),
-                 "--node-config", f"partition-id={i} num-partitions={num_supernodes}"],
-                env=env, stdout=open(logs / f"supernode-{i}.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            )
-            procs.append(node)
+        wait_for_port(port, proc)
     except BaseException:
-        for proc in procs:
-            stop_tree(proc.pid)
+        stop_tree(proc.pid)
         raise
-    return procs, "deploy"
+    return proc, port
+
+
+def start_supernode(
+    env: dict[str, str], superlink_port: int, log: Path, partition: int, num_partitions: int,
+    root_ca: Path | None = None, key: Path | None = None,
+) -> subprocess.Popen:
+    """A SuperNode for one IID partition: trusting `root_ca` and authenticating with `key`, else insecure."""
+    security = ["--root-certificates", str(root_ca)] if root_ca else ["--insecure"]
+    if key:
+        security += ["--auth-supernode-private-key", str(key)]
+    return spawn(
+        [str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{superlink_port}",
+         "--port", str(free_port()), "--node-config", f"partition-id={partition} num-partitions={num_partitions}"],
+        env, log,
+    )

@@ -19,18 +19,9 @@ from flowertune_llm.config import parse_config
 from flowertune_llm.metrics import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
 from tests.conftest import ALPACA_SUBSET, MMLU_VAL, ROOT, tiny_overrides, tiny_run_config
-from tests.processes import BIN, flower_env, start_simulation_superlink, stop_tree
+from tests.processes import BIN, flower_env, round_lines, run_config_arg, start_simulation_superlink, stop_tree
 
 pytestmark = pytest.mark.slow
-
-
-def run_config_arg(overrides: dict) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, bool):
-            return str(v).lower()
-        return f"'{v}'" if isinstance(v, str) else str(v)
-
-    return " ".join(f"{k}={fmt(v)}" for k, v in overrides.items())
 
 
 def flwr_run_command(connection: str, overrides: dict) -> list[str]:
@@ -74,12 +65,6 @@ def run_status(env: dict[str, str], connection: str, log: str) -> dict:
                           env=env, capture_output=True, text=True, timeout=60, check=True)
     (run,) = json.loads(proc.stdout)["runs"]
     return run
-
-
-def round_lines(log: str) -> list[tuple[str, str, str, str]]:
-    """(round, clients, failed, loss) from the server's per-round log lines."""
-    found = re.findall(r"\[round (\d+)/\d+\] train_loss=(\S+) lr=\S+ clients=(\d+) failed=(\d+)", log)
-    return [(rnd, clients, failed, loss) for rnd, loss, clients, failed in found]
 
 
 def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
@@ -245,38 +230,3 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
     cut_m = read_metrics(cut_run)
     assert [m["server_round"] for m in cut_m] == [0, 1, 2, 3, 4]  # the series goes on where it stopped
     assert [comparable(m) for m in cut_m[3:]] == [comparable(m) for m in full_m[3:]]
-
-
-def test_deployment_engine_superlink_and_two_supernodes_on_loopback(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    from tests.processes import start_deployment
-
-    overrides = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 2, "train.output-dir": str(tmp_path / "results")})
-    home = tmp_path / "flwr-home"
-    procs, connection = start_deployment(home, tmp_path / "logs", num_supernodes=2)
-    try:
-        proc = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), connection, "--stream", "--run-config", run_config_arg(overrides)],
-            env=flower_env(home), capture_output=True, text=True, timeout=600, check=False,
-        )
-    finally:
-        for p in procs:
-            stop_tree(p.pid)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert [r[:3] for r in round_lines(log)] == [("1", "2", "0"), ("2", "2", "0")], log[-3000:]
-    (checkpoint,) = list((tmp_path / "results").glob("*/peft_2"))
-    metrics = read_metrics(checkpoint.parent)
-    assert sorted(c["partition"] for c in metrics[0]["client_losses"]) == [0, 1]
-    trained = adapter_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(checkpoint)))
-    assert set(trained) == set(initial_adapter(parse_config(tiny_run_config(tiny_llama_dir)).model, 42)[0])
-    for p in procs:
-        assert not psutil_alive(p.pid)
-
-
-def psutil_alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

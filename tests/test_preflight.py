@@ -99,6 +99,7 @@ def test_leaderboard_rules_are_reported_not_refused(tiny_llama_dir: Path) -> Non
     warning = federation_warning(2)
     assert warning is not None and "has 2 SuperNodes" in warning
     assert "`flowertune-llm federation`" in warning and '--federation-config "num-supernodes=20"' in warning
+    assert "register and start 20 SuperNodes" in warning
     assert federation_warning(20) is None
 
 

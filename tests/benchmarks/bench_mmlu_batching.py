@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from flowertune_llm.evaluate.data import by_category, load_questions
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, build_prompt
 from flowertune_llm.evaluate.runner import check_batching, generate, load_model
