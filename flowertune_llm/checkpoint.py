@@ -29,6 +29,7 @@ RESUME_MAY_CHANGE = {
     "train.output_dir",
     "train.resume_from",
     "train.save_every_round",
+    "train.release_memory",
     "strategy.fraction_evaluate",
     "comm.tensorboard",
     "eval.every_round",

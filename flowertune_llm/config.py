@@ -70,6 +70,7 @@ class TrainSettings:
     output_dir: str
     resume_from: str  # "" = fresh run; else a peft_<N> folder or a run folder
     prompt_template: str  # "alpaca", "chat" or "qa" (see prompts.py)
+    release_memory: bool  # CPU: glibc returns large freed buffers at once (train.release_memory_to_os)
     training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
 
 
@@ -284,6 +285,7 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
         output_dir=_as_str(run_config, "train.output-dir"),
         resume_from=_as_str(run_config, "train.resume-from", allow_empty=True),
         prompt_template=_choice(run_config, "train.prompt-template", PROMPT_TEMPLATES),
+        release_memory=_as_bool(run_config, "train.release-memory"),
         training_arguments=_training_arguments(run_config),
     )
     if not 0.0 <= train.learning_rate_min <= train.learning_rate_max:

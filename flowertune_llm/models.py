@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ from peft import (
     get_peft_model,
     get_peft_model_state_dict,
     prepare_model_for_kbit_training,
-    set_peft_model_state_dict,
 )
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
@@ -130,6 +130,27 @@ def build_peft_model(settings: ModelSettings, device: str, seed: int) -> PeftMod
     return peft_model
 
 
+_ADAPTER_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """PEFT's saved name -> the model's parameter, found once per model (a round then copies, no state-dict walk).
+
+    Parameter objects survive a dtype change of their data (TRL's bf16 cast, `adapters_in_float32`).
+    """
+    found = _ADAPTER_PARAMETERS.get(model)
+    if found is None:
+        by_storage = {(p.data_ptr(), p.shape): p for p in model.parameters()}
+        found = {}
+        for name, tensor in get_peft_model_state_dict(model).items():
+            param = by_storage.get((tensor.data_ptr(), tensor.shape))
+            if param is None:
+                raise RuntimeError(f"adapter tensor {name} is not one of the model's parameters")
+            found[name] = param
+        _ADAPTER_PARAMETERS[model] = found
+    return found
+
+
 def adapter_state(model: PeftModel) -> AdapterState:
     """The adapter's tensors as float32 on CPU (TRL may have cast them to bf16), copied.
 
@@ -137,18 +158,23 @@ def adapter_state(model: PeftModel) -> AdapterState:
     round's reset of a kept model would overwrite this round's result in place.
     """
     return {
-        k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
-        for k, v in get_peft_model_state_dict(model).items()
+        k: p.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+        for k, p in adapter_parameters(model).items()
     }
 
 
 def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
     """Load adapter tensors into the model, refusing missing or unexpected names."""
-    expected = set(get_peft_model_state_dict(model))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    params = adapter_parameters(model)
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise ValueError(f"adapter mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
-    set_peft_model_state_dict(model, state)
+    for name, param in params.items():  # all checked before any is copied
+        if state[name].shape != param.shape:
+            raise ValueError(f"adapter tensor {name}: shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
 
 
 def state_to_arrays(state: AdapterState, wire_dtype: str = "float32") -> ArrayRecord:

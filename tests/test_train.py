@@ -52,11 +52,14 @@ def test_threads_follow_the_cpus_a_process_was_given(monkeypatch: pytest.MonkeyP
 def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
     tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One batch through the trainer's loss, plain path (TRL's bf16 adapter) vs optimized (float32 on CPU).
+    """One batch through the trainer's loss, plain path (TRL's bf16 adapter, every position scored) vs optimized
+    (float32 adapter and only the label positions through the LM head, on CPU).
 
     Both must equal the textbook loss: mean cross-entropy over the completion tokens only, from the
     model's own forward; a change of the mask or of the normalisation fails here.
     """
+    import trl.trainer.utils as trl_utils
+
     import flowertune_llm.train as train_mod
     from flowertune_llm.dataset import load_partition
     from flowertune_llm.train import make_trainer
@@ -67,6 +70,16 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
     torch.manual_seed(0)  # a trained-looking adapter, so the adapter's dtype matters
     start = {k: v + 0.05 * torch.randn_like(v) if "lora_B" in k else v for k, v in start.items()}
     data = load_partition(cfg.dataset_name, 0, 20, cfg.train.seed, cfg.train.prompt_template)
+    rows = []  # how many positions TRL's fused LM head scores
+
+    class CountingLogProb:
+        @staticmethod
+        def apply(hidden: torch.Tensor, *args: object) -> object:
+            rows.append(hidden.shape[0])
+            return real_logprob.apply(hidden, *args)
+
+    real_logprob = trl_utils._ChunkedLogProbFunction
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingLogProb)
     results = {}
     for optimized in (False, True):
         monkeypatch.setattr(train_mod, "OPTIMIZED", optimized)
@@ -86,6 +99,9 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
             mask = labels[:, 1:] != -100
             assert 0 < mask.sum() < batch["attention_mask"][:, 1:].sum()  # prompts are masked out
             textbook = torch.nn.functional.cross_entropy(logits[:, :-1][mask], labels[:, 1:][mask])
+        # the optimized path scores only the label positions; the plain one every position
+        assert rows[0] == (mask.sum().item() if optimized else mask.numel()), rows
+        rows.clear()
         results[optimized] = (loss.item(), textbook.item(), grads)
         model.zero_grad(set_to_none=True)
     (plain_loss, plain_ref, plain_grads), (fast_loss, fast_ref, fast_grads) = results[False], results[True]
@@ -94,3 +110,41 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
     assert fast_loss == pytest.approx(plain_loss, rel=1e-2)
     cosine = torch.nn.functional.cosine_similarity(fast_grads, plain_grads, dim=0).item()
     assert cosine > 0.99, cosine
+
+
+def test_release_memory_is_applied_by_a_round_that_asks_for_it(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    import flowertune_llm.train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "release_memory_to_os", lambda: calls.append(1) or True)
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"train.release-memory": True}))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    train_one_round(cfg, start, 0, 20, 1e-2)
+    assert calls == [1]
+    # the real call (its own process: it changes the allocator for good); True where libc is glibc
+    code = "import platform; from flowertune_llm.train import release_memory_to_os as r; print(r(), platform.libc_ver()[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == str(out[1] == "glibc"), out
+
+
+def test_adapter_state_round_trips_and_refuses_a_wrong_name_or_shape(tiny_llama_dir: Path) -> None:
+    from flowertune_llm.models import adapter_state, build_peft_model, set_adapter_state
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir))
+    model = build_peft_model(cfg.model, "cpu", cfg.train.seed)
+    state = {k: torch.randn_like(v) for k, v in adapter_state(model).items()}
+    set_adapter_state(model, state)
+    back = adapter_state(model)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    back[next(iter(back))].add_(1.0)  # a copy: the model is untouched
+    assert all(torch.equal(v, state[k]) for k, v in adapter_state(model).items())
+    name = next(iter(state))
+    with pytest.raises(ValueError, match="unexpected"):
+        set_adapter_state(model, {**state, "base_model.extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=f"adapter tensor {name}: shape"):
+        set_adapter_state(model, {**state, name: torch.zeros(3)})

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from flowertune_llm.evaluate.data import DEFAULT_DATA, Question, by_category, load_questions
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.evaluate.runner import EvalResult, evaluate_questions, load_model, write_outputs
 from flowertune_llm.gguf import resolve_model_path
 from flowertune_llm.hub import require_hub_or_cache
-from flowertune_llm.models import AdapterState, default_device
+from flowertune_llm.models import AdapterState, default_device, set_adapter_state
 
 
 def evaluate_mmlu(
@@ -82,7 +82,7 @@ class AdapterScorer:
         """Protocol accuracy and diagnostics of the base model with adapter `state`."""
         if self._model is None:
             self._model = self._load()
-        set_peft_model_state_dict(self._model, {k: v.to(self.device) for k, v in state.items()})
+        set_adapter_state(self._model, state)
         return evaluate_questions(
             self._model, self._tokenizer, questions, batch_size, False, allow_inexact_batching
         )

