@@ -254,12 +254,16 @@ def profile_table(prof: Any, step_wall_ms: float) -> list[tuple[str, float]]:
     ]
 
 
-def _run_side(side: str, args: argparse.Namespace, tmp: Path) -> tuple[dict, Path]:
-    adapter, out = tmp / f"{side}.safetensors", tmp / f"{side}.json"
+def _child_cmd(side: str, args: argparse.Namespace, adapter: Path, out: Path, profile: bool) -> list[str]:
+    """The command line of one measuring child process."""
     cmd = [sys.executable, "-m", "tests.benchmarks.bench_step", "--side", side, "--steps", str(args.steps),
            "--adapter-out", str(adapter), "--json-out", str(out)]
-    cmd += ["--proxy"] * args.proxy + ["--no-checkpointing"] * args.no_checkpointing + ["--no-profile"] * (not args.profile)
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return cmd + ["--proxy"] * args.proxy + ["--no-checkpointing"] * args.no_checkpointing + ["--no-profile"] * (not profile)
+
+
+def _run_side(side: str, args: argparse.Namespace, tmp: Path) -> tuple[dict, Path]:
+    adapter, out = tmp / f"{side}.safetensors", tmp / f"{side}.json"
+    subprocess.run(_child_cmd(side, args, adapter, out, args.profile), check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.read_text()), adapter
 
 
@@ -273,11 +277,8 @@ def _run_concurrent(args: argparse.Namespace, tmp: Path) -> list[dict]:
     procs, outs = [], []
     for i in range(args.concurrent):
         out = tmp / f"concurrent-{i}.json"
-        cmd = [sys.executable, "-m", "tests.benchmarks.bench_step", "--side", "optimized", "--steps", str(args.steps),
-               "--adapter-out", str(tmp / f"concurrent-{i}.safetensors"), "--json-out", str(out), "--no-profile",
-               "--barrier", str(barrier), "--concurrent", str(args.concurrent)]
-        cmd += ["--proxy"] * args.proxy + ["--no-checkpointing"] * args.no_checkpointing
-        procs.append(subprocess.Popen(cmd, env=env))
+        cmd = _child_cmd("optimized", args, tmp / f"concurrent-{i}.safetensors", out, profile=False)
+        procs.append(subprocess.Popen(cmd + ["--barrier", str(barrier), "--concurrent", str(args.concurrent)], env=env))
         outs.append(out)
     for proc in procs:
         if proc.wait() != 0:
