@@ -112,20 +112,24 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
     assert cosine > 0.99, cosine
 
 
-def test_release_memory_is_applied_by_a_round_that_asks_for_it(
-    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("overrides, applied", [({}, True), ({"train.release-memory": False}, False)])
+def test_release_memory_is_applied_by_default_and_not_when_turned_off(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict, applied: bool
 ) -> None:
-    import subprocess
-    import sys
-
     import flowertune_llm.train as train_mod
 
     calls = []
     monkeypatch.setattr(train_mod, "release_memory_to_os", lambda: calls.append(1) or True)
-    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"train.release-memory": True}))
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **overrides))
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     train_one_round(cfg, start, 0, 20, 1e-2)
-    assert calls == [1]
+    assert calls == [1] * applied
+
+
+def test_release_memory_to_os_is_accepted_by_glibc() -> None:
+    import subprocess
+    import sys
+
     # the real call (its own process: it changes the allocator for good); True where libc is glibc
     code = "import platform; from flowertune_llm.train import release_memory_to_os as r; print(r(), platform.libc_ver()[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

