@@ -200,6 +200,7 @@ _M_MMAP_THRESHOLD = -3
 RELEASE_MEMORY_THRESHOLD = 16 * 2**20
 
 
+@functools.cache  # the setting holds for the whole process: once is enough
 def release_memory_to_os() -> bool:
     """`train.release-memory`: make glibc map every buffer of 16 MB or more on its own and unmap it when freed.
 

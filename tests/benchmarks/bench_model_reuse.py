@@ -114,7 +114,8 @@ def main() -> None:
             **({} if optimized else {"train.release-memory": False}),
         }))
 
-    start, _ = initial_adapter(config(True).model, config(True).train.seed)
+    defaults = config(True)
+    start, _ = initial_adapter(defaults.model, defaults.train.seed)
     print(f"machine: {machine()}; SmolLM2-135M-Instruct (GGUF Q4_1) in 4-bit, batch 4, seq {args.seq_length}, "
           f"{args.max_steps} steps per round; overhead = round wall time minus time inside optimizer steps")
     for optimized in ([False, True] if args.compare else [True]):
