@@ -73,22 +73,12 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
 
 def start_simulation_superlink(flwr_home: Path, log_file: Path) -> tuple[subprocess.Popen, str]:
     """A SuperLink in simulation mode on a free port, plus a `test` connection in FLWR_HOME."""
-    port = free_port()
     flwr_home.mkdir(parents=True, exist_ok=True)
+    proc, port = start_superlink(flower_env(flwr_home), log_file, certs=None, simulation=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    proc = spawn(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-         "--port", str(port), "--disable-runtime-dependency-installation"],
-        flower_env(flwr_home), log_file,
-    )
-    try:
-        wait_for_port(port, proc)
-    except BaseException:
-        stop_tree(proc.pid)
-        raise
     return proc, "test"
 
 
@@ -97,16 +87,18 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
 
-def start_superlink(env: dict[str, str], log: Path, certs: Path | None) -> tuple[subprocess.Popen, int]:
-    """A deployment-mode SuperLink on a free loopback port: TLS + SuperNode auth from `certs`, else insecure."""
+def start_superlink(
+    env: dict[str, str], log: Path, certs: Path | None, simulation: bool = False
+) -> tuple[subprocess.Popen, int]:
+    """A SuperLink on a free loopback port: TLS + SuperNode auth from `certs`, else insecure; deployment or simulation."""
     port = free_port()
     security = (
         ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
          "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"]
         if certs else ["--insecure"]
     )
-    proc = spawn([str(BIN / "flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port),
-                  "--disable-runtime-dependency-installation"], env, log)
+    proc = spawn([str(BIN / "flower-superlink"), *security, *["--simulation"] * simulation, "--host", "127.0.0.1",
+                  "--port", str(port), "--disable-runtime-dependency-installation"], env, log)
     try:
         wait_for_port(port, proc)
     except BaseException:
