@@ -19,16 +19,12 @@ from peft import (
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from flowertune_llm.config import ConfigError, LoraSettings, ModelSettings
+from flowertune_llm.devices import compute_dtype, use_protocol_arithmetic
 from flowertune_llm.gguf import resolve_model_path
 from flowertune_llm.hub import require_hub_or_cache
 
 AdapterState = dict[str, torch.Tensor]
 MODEL_KEY = "model.name"
-
-
-def default_device() -> str:
-    """CUDA when present, else CPU (bitsandbytes >= 0.49 quantizes on CPU too)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def process_threads() -> int:
@@ -49,13 +45,6 @@ def set_process_threads() -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
-
-
-def compute_dtype(device: str) -> torch.dtype:
-    """bf16 where the GPU supports it; float32 on CPU, where bf16 matmuls are slow."""
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def quantization_config(bits: int, device: str) -> BitsAndBytesConfig | None:
@@ -111,6 +100,7 @@ def load_base_model(settings: ModelSettings, device: str) -> PreTrainedModel:
         dtype=compute_dtype(device),
         device_map={"": device},
     )
+    use_protocol_arithmetic(model)  # float32 dequantize on every CPU, before any forward
     if quant is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
@@ -136,7 +126,7 @@ _ADAPTER_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     """PEFT's saved name -> the model's parameter, found once per model (a round then copies, no state-dict walk).
 
-    Parameter objects survive a dtype change of their data (TRL's bf16 cast, `adapters_in_float32`).
+    Parameter objects survive a dtype change of their data (TRL's bf16 cast, `apply_adapter_precision`).
     """
     found = _ADAPTER_PARAMETERS.get(model)
     if found is None:

@@ -19,14 +19,15 @@ from trl import SFTConfig, SFTTrainer
 from flowertune_llm.config import Config, ModelSettings
 from flowertune_llm.dataset import load_partition
 from flowertune_llm.gguf import resolve_model_path
-from flowertune_llm.models import (
-    AdapterState,
-    adapter_state,
-    build_peft_model,
+from flowertune_llm.devices import (
+    apply_adapter_precision,
     compute_dtype,
     default_device,
-    set_adapter_state,
+    gpu_view,
+    require_protocol_arithmetic,
+    single_device_config,
 )
+from flowertune_llm.models import AdapterState, adapter_state, build_peft_model, set_adapter_state
 
 
 #: The step-cost optimizations below (identical training, see docs/benchmarks.md); only
@@ -61,8 +62,12 @@ def round_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return _cached_tokenizer(name) if OPTIMIZED else load_tokenizer(name)
 
 
+#: SFTConfig whose process trains on one device, whatever number of GPUs it sees (devices.py).
+OneDeviceSFTConfig = single_device_config(SFTConfig)
+
+
 def sft_config(cfg: Config, lr: float, output_dir: str, device: str) -> SFTConfig:
-    """SFTConfig for one round: the user's training arguments + what the app owns."""
+    """SFTConfig for one round: the user's training arguments + what the app owns (one device)."""
     args = dict(cfg.train.training_arguments)
     args.update(
         output_dir=output_dir,
@@ -78,7 +83,7 @@ def sft_config(cfg: Config, lr: float, output_dir: str, device: str) -> SFTConfi
         disable_tqdm=True,
     )
     args.setdefault("report_to", "none")
-    return SFTConfig(**args)
+    return OneDeviceSFTConfig(**args)
 
 
 class ModelCache:
@@ -130,7 +135,7 @@ def reset_adapter(model: PeftModel, state: AdapterState) -> None:
     for param in model.parameters():
         if param.requires_grad:
             param.grad = None
-    adapters_in_float32(model)  # TRL cast it to bf16 last round (on GPU)
+    apply_adapter_precision(model, default_device())  # TRL cast it to bf16 last round: as a fresh one
     set_adapter_state(model, state)
 
 
@@ -189,9 +194,11 @@ def make_trainer(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the server logs each round
-    if OPTIMIZED and device == "cpu":
-        adapters_in_float32(trainer.model)
-        score_label_positions_only()
+    require_protocol_arithmetic(trainer.model)
+    if OPTIMIZED:  # False only in bench_step's "plain" side: the code before these policies
+        apply_adapter_precision(trainer.model, device)  # float32 master weights on every device
+        if device == "cpu":
+            score_label_positions_only()
     return trainer
 
 
@@ -242,22 +249,6 @@ def score_label_positions_only() -> None:
 
     compact_on_cpu.flowertune_compact_on_cpu = True  # type: ignore[attr-defined]
     trl_utils._use_triton = compact_on_cpu
-
-
-def adapters_in_float32(model: torch.nn.Module) -> None:
-    """Put the trainable (adapter) weights back in float32, undoing TRL's bf16 cast for a quantized model.
-
-    Used before every round (a kept model starts from the float32 global adapter) and, on CPU,
-    after the trainer is built.
-
-    TRL follows QLoRA and keeps the adapter in bf16; on a CPU without bf16 matmul units that
-    makes every LoRA product and DoRA's extra base matmul and weight norm run in slow emulated
-    bf16 (and rounds the DoRA norm, so an untrained DoRA layer is not the identity). float32 is
-    both faster there and closer to the exact computation; the optimizer is created afterwards.
-    """
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.to(torch.float32)
 
 
 def train_one_round(

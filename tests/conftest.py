@@ -106,3 +106,15 @@ def smollm2_model_dir(smollm2_gguf: Path) -> Path:
     from flowertune_llm.gguf import import_gguf
 
     return import_gguf(smollm2_gguf)
+
+
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4-bit layers built from here on arm bitsandbytes' fused-kernel repacking, as on an AVX512-BF16 CPU.
+
+    bitsandbytes asks `has_avx512bf16()` once per layer, at construction; the repacking itself is
+    plain tensor code, so this reproduces that CPU's behaviour on any x86 machine.
+    """
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)

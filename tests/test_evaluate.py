@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from bitsandbytes.functional import has_avx512bf16
 from peft import LoraConfig, get_peft_model
 
-from flowertune_llm.evaluate.attention import RowwiseHead, batch_invariant, use_exact_batching
+from flowertune_llm.evaluate.attention import RowwiseHead, batch_invariant
 from flowertune_llm.evaluate.cli import main as eval_main
 from flowertune_llm.evaluate.data import EvalDataError, by_category, load_questions
 from flowertune_llm.evaluate.protocol import (
@@ -191,21 +190,6 @@ def test_batched_answers_equal_one_at_a_time_answers_on_this_device(
     assert _answers(batched) == _answers(alone)
     assert len(set(_answers(alone))) > 1  # a real model, not a constant
     _probe_is_truthful(model, tok, questions, batched.batching)
-
-
-@pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes' row-wise 4-bit CPU kernel needs AVX512-BF16; "
-                    "elsewhere 4-bit dequantizes and calls BLAS, whose results may depend on the batch")
-def test_4bit_padded_batches_are_bit_exact_with_the_row_wise_kernel(smollm2_model_dir: Path) -> None:
-    """Where no BLAS is involved (bnb's own 4-bit kernel, per-sequence SDPA, row-wise head), exactness holds."""
-    questions = by_category(load_questions(str(MMLU_TEST)), ["stem", "humanities"], limit=8)
-    prompts = [build_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
-    model, tok = load_model(str(smollm2_model_dir), None, 4, "cpu")
-    use_exact_batching(model)
-    encoded = [tok(p).input_ids for p in prompts]
-    assert len({len(e) for e in encoded}) > 6  # the batch below really is padded
-    alone = torch.cat([_last_logits(model, tok, [e]) for e in encoded[:8]])
-    assert torch.equal(_last_logits(model, tok, encoded[:8]), alone)
-    assert generate(model, tok, prompts, 2, 8)[0] == [generate(model, tok, [p], 2, 1)[0][0] for p in prompts]
 
 
 def test_int8_scores_one_prompt_at_a_time(smollm2_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -50,14 +50,17 @@ def test_threads_follow_the_cpus_a_process_was_given(monkeypatch: pytest.MonkeyP
 
 
 def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
-    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, avx512_bf16_cpu: None
 ) -> None:
     """One batch through the trainer's loss, plain path (TRL's bf16 adapter, every position scored) vs optimized
     (float32 adapter and only the label positions through the LM head, on CPU).
 
     Both must equal the textbook loss: mean cross-entropy over the completion tokens only, from the
-    model's own forward; a change of the mask or of the normalisation fails here.
+    model's own forward; a change of the mask or of the normalisation fails here. The 4-bit layers
+    are built as on an AVX512-BF16 CPU (`avx512_bf16_cpu`): the reference, taken in eval mode
+    without gradients, must not depend on which kernel the CPU has.
     """
+    from flowertune_llm.devices import packed_4bit_layers
     import trl.trainer.utils as trl_utils
 
     import flowertune_llm.train as train_mod
@@ -99,6 +102,7 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
             mask = labels[:, 1:] != -100
             assert 0 < mask.sum() < batch["attention_mask"][:, 1:].sum()  # prompts are masked out
             textbook = torch.nn.functional.cross_entropy(logits[:, :-1][mask], labels[:, 1:][mask])
+        assert packed_4bit_layers(model) == []  # the reference ran the protocol's float32 dequantize path
         # the optimized path scores only the label positions; the plain one every position
         assert rows[0] == (mask.sum().item() if optimized else mask.numel()), rows
         rows.clear()

@@ -12,7 +12,8 @@ from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.evaluate.runner import EvalResult, evaluate_questions, load_model, write_outputs
 from flowertune_llm.gguf import resolve_model_path
 from flowertune_llm.hub import require_hub_or_cache
-from flowertune_llm.models import AdapterState, default_device, set_adapter_state
+from flowertune_llm.devices import default_device
+from flowertune_llm.models import AdapterState, set_adapter_state
 
 
 def evaluate_mmlu(

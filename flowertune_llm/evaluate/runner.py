@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from flowertune_llm.devices import require_protocol_arithmetic, use_protocol_arithmetic
 from flowertune_llm.evaluate.attention import batch_invariant, use_exact_batching
 from flowertune_llm.evaluate.data import LETTERS, Question
 from flowertune_llm.evaluate.protocol import (
@@ -217,6 +218,7 @@ def load_model(
         )
     except OSError as exc:
         raise EvalModelError(f"--base-model-name-path {base}: cannot load ({exc})") from exc
+    use_protocol_arithmetic(model)  # the protocol's float32 arithmetic on every CPU (devices.py)
     if peft_path:
         from peft import PeftModel
 
@@ -442,6 +444,7 @@ def evaluate_questions(
     allow_inexact_batching: bool = False,
 ) -> EvalResult:
     """Run the protocol on each category: generations, scores and answer diagnostics per question."""
+    require_protocol_arithmetic(model)  # the guard: no 4-bit layer on the fused bf16 CPU kernel
     start = time.perf_counter()
     items = [(category, q) for category, qs in questions.items() for q in qs]
     prompts = [build_prompt(q.question, list(q.options)) for _, q in items]

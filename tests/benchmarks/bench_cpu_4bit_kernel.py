@@ -21,7 +21,7 @@ from functools import partial
 import bitsandbytes as bnb
 import torch
 
-from flowertune_llm.models import default_device
+from flowertune_llm.devices import default_device
 
 SHAPES = {"mlp_up (576->1536)": (576, 1536), "mlp_down (1536->576)": (1536, 576)}
 

@@ -22,7 +22,7 @@ from flowertune_llm.evaluate.data import by_category, load_questions
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, build_prompt
 from flowertune_llm.evaluate.runner import check_batching, generate, load_model
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
-from flowertune_llm.models import default_device
+from flowertune_llm.devices import default_device
 from tests.benchmarks import machine
 
 MMLU_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mmlu" / "mmlu_test.jsonl"

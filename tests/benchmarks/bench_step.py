@@ -107,7 +107,7 @@ def _child(args: argparse.Namespace) -> None:
     tokens = TokenCounter()
     models = ModelCache()
     if args.barrier:  # load first, then start the steps together with the other processes
-        from flowertune_llm.models import default_device
+        from flowertune_llm.devices import default_device
 
         models.get(cfg.model, default_device(), cfg.train.seed)
         barrier = Path(args.barrier)

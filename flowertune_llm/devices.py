@@ -1,0 +1,154 @@
+"""How a model computes on each device, decided in one place (models.py, train.py and evaluate/ all ask here).
+
+The rules:
+- **4-bit on CPU computes the protocol's arithmetic**: float32 through bitsandbytes' dequantize
+  path. bitsandbytes >= 0.49 repacks a `Linear4bit` weight for a fused bf16 kernel the first
+  time the layer runs in eval mode without gradients on a CPU with AVX512-BF16; from then on the
+  layer computes with bf16 activations, and PEFT's DoRA, which dequantizes the base weight for
+  its norm, gets the norm of the repacked bytes (a different model). `use_protocol_arithmetic`
+  turns that off for every 4-bit layer of a model the app builds; `require_protocol_arithmetic`
+  is the guard that refuses a model in which any layer is (or may become) packed.
+- **Adapters are float32 on every device** (`adapter_dtype`): master weights and optimizer state,
+  whatever TRL casts; the compute dtype stays the device's (`compute_dtype`, bf16 autocast on GPUs
+  that support it).
+- **One device per client process** (`single_device_config`): a ClientApp that sees several GPUs
+  trains on the first it sees, with the batch it was configured with.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+def default_device() -> str:
+    """CUDA when present, else CPU (bitsandbytes >= 0.49 quantizes on CPU too)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 where the GPU supports it; float32 on CPU, where bf16 matmuls are slow or emulated."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def adapter_dtype(device: str) -> torch.dtype:
+    """The trainable adapter's (and so its optimizer state's) dtype: float32 on every device.
+
+    TRL casts LoRA A/B of a quantized model to bf16 (QLoRA's choice). A bf16 weight has 8 bits of
+    mantissa: an AdamW update of 5e-5 (the reference peak learning rate) is below half an ulp
+    of most freshly initialised lora_A entries and rounds away, so most of the adapter would stay
+    frozen (measured in tests/test_devices.py). Compute still runs in `compute_dtype(device)`
+    (autocast on GPUs); only the stored weights are float32, as PEFT itself creates them.
+    """
+    del device  # the same answer everywhere, on purpose: one policy, asked per device
+    return torch.float32
+
+
+def apply_adapter_precision(model: torch.nn.Module, device: str) -> None:
+    """Put the trainable (adapter) weights in `adapter_dtype(device)`, undoing TRL's bf16 cast.
+
+    Call before the optimizer exists (after the trainer is built, before `train()`): the
+    parameters keep their identity, only their data changes dtype.
+    """
+    dtype = adapter_dtype(device)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+class ArithmeticError4bit(RuntimeError):
+    """A 4-bit model would not compute what the protocol computes (packed for the fused CPU kernel)."""
+
+
+def _linear4bit_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers
+        return []
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Linear4bit)]
+
+
+def _is_packed(layer: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def packed_4bit_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the 4-bit layers whose weight is in bitsandbytes' CPU-packed (fused bf16 kernel) format."""
+    return [name for name, layer in _linear4bit_layers(model) if _is_packed(layer)]
+
+
+def use_protocol_arithmetic(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every 4-bit layer compute in float32 through dequantize, on any CPU; returns the model.
+
+    Turns off bitsandbytes' per-layer switch to its fused AVX512-BF16 kernel (read at every
+    forward). Call it right after loading, before any forward: a weight that was already
+    repacked cannot be restored exactly (the repacking rounds its block scales to bf16), so such
+    a model is refused (reload it). No effect on a model without 4-bit layers, or on GPU arithmetic.
+    """
+    for _, layer in _linear4bit_layers(model):
+        layer.support_avx512bf16_for_cpu = False
+    packed = packed_4bit_layers(model)
+    if packed:
+        raise ArithmeticError4bit(
+            f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were already repacked for bitsandbytes' fused bf16 CPU "
+            "kernel, which rounds their scales: reload the model and pass it here before it runs"
+        )
+    return model
+
+
+def require_protocol_arithmetic(model: torch.nn.Module) -> None:
+    """The guard: refuse a model with a 4-bit layer that is packed, or that may pack at its next forward.
+
+    Chosen over comparing logits of the base model and the identity adapter: it is exact, costs
+    one walk over the modules, and covers every model (trained adapters, non-DoRA, 8-bit-free
+    paths) rather than only the round-0 case.
+    """
+    packed = packed_4bit_layers(model)
+    armed = [n for n, layer in _linear4bit_layers(model) if getattr(layer, "support_avx512bf16_for_cpu", False)]
+    if packed or armed:
+        names = (packed or armed)[:3]
+        raise ArithmeticError4bit(
+            f"{len(packed)} 4-bit layers packed and {len(armed)} armed for bitsandbytes' fused bf16 CPU kernel "
+            f"(e.g. {', '.join(names)}): this model does not compute the protocol's float32 arithmetic; "
+            "build it through flowertune_llm (models.load_base_model / evaluate.runner.load_model)"
+        )
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """Which GPUs this process sees and which one it trains on (for logs and the round's metrics)."""
+
+    visible: str  # CUDA_VISIBLE_DEVICES as the process got it ("" = none, None-like "unset")
+    count: int  # torch.cuda.device_count()
+    used: int | None  # the torch index trained on, None on CPU
+
+
+def gpu_view(device: str) -> GpuView:
+    """What this process sees: CUDA_VISIBLE_DEVICES, the device count, the GPU it uses."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    used = (torch.device(device).index or 0) if device.startswith("cuda") else None
+    return GpuView(visible, count, used)
+
+
+def single_device_config(config_class: type) -> type:
+    """A TrainingArguments subclass whose process uses one device, however many GPUs it sees.
+
+    transformers sets `n_gpu = torch.cuda.device_count()` for a single-process run: with N
+    visible GPUs the loader batch becomes per-device batch x N and an unquantized model is wrapped
+    in `DataParallel`, a different recipe than the configured one. Capping `n_gpu` at 1 keeps the
+    batch and leaves the model alone on the device it was loaded on (cuda:0 = the first visible).
+    """
+
+    class OneDevice(config_class):  # type: ignore[misc, valid-type]
+        @property
+        def n_gpu(self) -> int:
+            """At most 1: never DataParallel, never a multiplied batch."""
+            return min(super().n_gpu, 1)
+
+    OneDevice.__name__ = OneDevice.__qualname__ = f"OneDevice{config_class.__name__}"
+    return OneDevice
