@@ -11,12 +11,17 @@ from flowertune_llm.evaluate import cli as eval_cli
 
 
 def _federation(args: argparse.Namespace) -> int:
-    from flowertune_llm.federation import configure_local_federation
+    from flowertune_llm.federation import configure_local_federation, default_gpu_share, detected_gpu_memory
 
-    path = configure_local_federation(args.num_supernodes, args.num_cpus, args.num_gpus, args.connection)
+    gpus = detected_gpu_memory()
+    num_gpus, why = default_gpu_share(gpus)
+    if args.num_gpus is not None:
+        num_gpus = args.num_gpus
+        why = "--num-gpus 0 on a machine with GPUs: clients will train on CPU" if gpus and num_gpus == 0 else ""
+    path = configure_local_federation(args.num_supernodes, args.num_cpus, num_gpus, args.connection)
     print(
         f"SuperLink connection '{args.connection}' in {path} now simulates {args.num_supernodes} "
-        f"SuperNodes ({args.num_cpus} CPUs, {args.num_gpus} GPU per ClientApp). "
+        f"SuperNodes ({args.num_cpus} CPUs, {num_gpus:g} GPU per ClientApp{'; ' + why if why else ''}). "
         "`flwr run .` uses it; flwr prints a deprecation note for `options.` that is safe to ignore."
     )
     return 0
@@ -85,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     fed = sub.add_parser("federation", help="make `flwr run .` simulate 20 SuperNodes")
     fed.add_argument("--num-supernodes", type=int, default=LEADERBOARD_NUM_SUPERNODES)
     fed.add_argument("--num-cpus", type=int, default=4, help="CPUs per ClientApp")
-    fed.add_argument("--num-gpus", type=float, default=0.0, help="GPU share per ClientApp (e.g. 0.25)")
+    fed.add_argument("--num-gpus", type=float, default=None,
+                     help="GPU share per ClientApp (e.g. 0.5); default: chosen from the GPUs found (0 without)")
     fed.add_argument("--connection", default="local", help="SuperLink connection to configure")
     fed.set_defaults(func=_federation)
 

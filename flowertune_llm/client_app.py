@@ -45,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(msg.content["config"]["lr"]),
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
     )
-    metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
+    metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples, **result.device})
     arrays = state_to_arrays(result.state, cfg.comm.dtype)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

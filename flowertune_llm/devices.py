@@ -18,8 +18,6 @@ The rules:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 
 
@@ -118,23 +116,6 @@ def require_protocol_arithmetic(model: torch.nn.Module) -> None:
         )
 
 
-@dataclass(frozen=True)
-class GpuView:
-    """Which GPUs this process sees and which one it trains on (for logs and the round's metrics)."""
-
-    visible: str  # CUDA_VISIBLE_DEVICES as the process got it ("" = none, None-like "unset")
-    count: int  # torch.cuda.device_count()
-    used: int | None  # the torch index trained on, None on CPU
-
-
-def gpu_view(device: str) -> GpuView:
-    """What this process sees: CUDA_VISIBLE_DEVICES, the device count, the GPU it uses."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    used = (torch.device(device).index or 0) if device.startswith("cuda") else None
-    return GpuView(visible, count, used)
-
-
 def single_device_config(config_class: type) -> type:
     """A TrainingArguments subclass whose process uses one device, however many GPUs it sees.
 
@@ -152,3 +133,63 @@ def single_device_config(config_class: type) -> type:
 
     OneDevice.__name__ = OneDevice.__qualname__ = f"OneDevice{config_class.__name__}"
     return OneDevice
+
+
+def visible_gpu_ids() -> int:
+    """How many GPU ids CUDA_VISIBLE_DEVICES lists: -1 when unset (every GPU visible), 0 when set empty."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return -1
+    return len([v for v in value.split(",") if v.strip()])
+
+
+class RoundMemory:
+    """Peak memory of this process during one round: GPU allocated/reserved, or the CPU's resident set.
+
+    GPU: torch's peak counters, reset when the round begins. CPU: the kernel's high-water mark of
+    the resident set (VmHWM), reset through /proc/self/clear_refs ("5") when the round begins;
+    where that is not possible (not Linux, no permission) the process's lifetime peak is reported
+    and `reset` is False.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.reset = False
+
+    def __enter__(self) -> RoundMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.reset = True
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+                self.reset = True
+            except OSError:
+                self.reset = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def peak_mb(self) -> dict[str, float]:
+        """{"peak_mem_mb": ...} (+ "peak_reserved_mb" on a GPU), in MB (10^6 bytes)."""
+        if self.device.startswith("cuda"):
+            return {
+                "peak_mem_mb": torch.cuda.max_memory_allocated(self.device) / 1e6,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(self.device) / 1e6,
+            }
+        return {"peak_mem_mb": _peak_rss_bytes() / 1e6}
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # ru_maxrss: KB on Linux
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

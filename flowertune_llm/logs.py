@@ -11,7 +11,9 @@ import warnings
 #: (category, start of the message). Anything else still shows.
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (DeprecationWarning, r"`torch\.jit\.script"),  # torch's own modules, at import
-    (FutureWarning, r"Tip: In future versions of Ray"),  # ray.init, num_gpus=0 on CPU
+    # ray.init: Ray's future default. Filtered, never answered by setting RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO,
+    # which Ray's workers inherit: a ClientApp given 0 GPUs would then see every GPU (devices.py)
+    (FutureWarning, r"Tip: In future versions of Ray"),
     # transformers 5.24 renames gradient -> activation checkpointing; PEFT and TRL still call the old names
     (FutureWarning, r"`(is_)?gradient_checkpointing(_enable|_kwargs)?` is deprecated"),
 )
@@ -51,7 +53,6 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotice) for f in logger.filters):
             logger.addFilter(_DropNotice(prefixes))
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # progress bars of weight loading and dataset preparation: in a streamed run log each redraw is a line
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -154,7 +154,7 @@ class RunLog:
         log(
             INFO,
             "[round %d/%d] train_loss=%s lr=%.3g clients=%d failed=%d | comm %.2f MB "
-            "(total %.2f MB, %.2f MB with keys) | %.1fs, ETA %s",
+            "(total %.2f MB, %.2f MB with keys) | peak memory per client %s | %.1fs, ETA %s",
             round_log.server_round,
             self.cfg.num_server_rounds,
             loss,
@@ -164,6 +164,7 @@ class RunLog:
             record["mb_round"],
             record["mb_total"],
             record["mb_total_with_keys"],
+            "n/a" if round_log.peak_mem_mb is None else f"{round_log.peak_mem_mb:,.0f} MB",
             round_log.wall_time_s,
             format_duration(eta),
         )

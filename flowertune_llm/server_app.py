@@ -96,9 +96,10 @@ def main(grid: Grid, context: Context) -> None:
     run_log.close()
     log(
         INFO,
-        "Done: %d rounds, communication %.2f MB (%.2f MB with keys); checkpoints in %s",
+        "Done: %d rounds, communication %.2f MB (%.2f MB with keys), peak memory per client %s; checkpoints in %s",
         cfg.num_server_rounds,
         strategy.comm.total_payload_mb,
         strategy.comm.total_with_keys_mb,
+        f"{strategy.peak_mem_mb:,.0f} MB" if strategy.peak_mem_mb is not None else "not reported",
         run_dir,
     )

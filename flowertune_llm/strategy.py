@@ -72,6 +72,10 @@ class CommStats:
         return (self.sent_with_keys + self.received_with_keys) / MB
 
 
+#: What a client reports about its device in a train reply (devices.RoundMemory, train.train_one_round).
+CLIENT_DEVICE_KEYS = ("peak_mem_mb", "peak_reserved_mb", "gpu", "visible_gpus")
+
+
 @dataclass
 class RoundLog:
     """What the server learned in one round (one line of metrics.jsonl)."""
@@ -82,7 +86,8 @@ class RoundLog:
     replies: int = 0
     failures: int = 0
     train_loss: float | None = None
-    client_losses: list[dict] = field(default_factory=list)
+    client_losses: list[dict] = field(default_factory=list)  # per client: loss, examples, peak memory, GPU
+    peak_mem_mb: float | None = None  # the largest client peak of the round (GPU: allocated; CPU: resident set)
     rejected: list[dict] = field(default_factory=list)
     comm_round: CommStats = field(default_factory=CommStats)
     comm_total: CommStats = field(default_factory=CommStats)
@@ -166,6 +171,7 @@ class FlowerTuneMixin:
         self.min_replies = min_replies
         self.comm_budget_mb = comm_budget_mb
         self.rounds: dict[int, RoundLog] = {}
+        self.peak_mem_mb: float | None = None  # the largest client peak of this process's rounds
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._budget_warned = self.comm.total_with_keys_mb > comm_budget_mb
 
@@ -228,9 +234,14 @@ class FlowerTuneMixin:
                     "partition": self.partitions.get(node),
                     "loss": float(metrics.get("train_loss", float("nan"))),
                     "examples": int(metrics[self.weighted_by_key]),  # type: ignore[attr-defined]
+                    **{k: float(metrics[k]) for k in CLIENT_DEVICE_KEYS if k in metrics},
                 }
             )
             good.append(msg)
+        peaks = [c["peak_mem_mb"] for c in round_log.client_losses if "peak_mem_mb" in c]
+        round_log.peak_mem_mb = max(peaks) if peaks else None
+        if peaks:
+            self.peak_mem_mb = max(self.peak_mem_mb or 0.0, max(peaks))
         round_log.replies = len(good)
         round_log.failures = len(round_log.rejected)
         round_log.comm_total = CommStats(**asdict(self.comm))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import gc
 import math
+import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,9 +24,10 @@ from flowertune_llm.devices import (
     apply_adapter_precision,
     compute_dtype,
     default_device,
-    gpu_view,
+    RoundMemory,
     require_protocol_arithmetic,
     single_device_config,
+    visible_gpu_ids,
 )
 from flowertune_llm.models import AdapterState, adapter_state, build_peft_model, set_adapter_state
 
@@ -37,11 +39,12 @@ OPTIMIZED = True
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What a client sends back: the new adapter, its mean loss and its example count."""
+    """What a client sends back: the new adapter, its mean loss, its example count, and where it trained."""
 
     state: AdapterState
     train_loss: float
     num_examples: int
+    device: dict[str, float] = field(default_factory=dict)  # peak memory of the round, GPU used, GPUs visible
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -178,6 +181,7 @@ def make_trainer(
 ) -> SFTTrainer:
     """The global adapter on the (cached) model and a fresh SFTTrainer (new optimizer) around it."""
     device = default_device()
+    warn_if_several_gpus(device)
     if models is None:
         model = build_peft_model(cfg.model, device, cfg.train.seed)
         set_adapter_state(model, global_state)
@@ -200,6 +204,20 @@ def make_trainer(
         if device == "cpu":
             score_label_positions_only()
     return trainer
+
+
+@functools.cache  # once per process: the GPUs a process sees do not change
+def warn_if_several_gpus(device: str) -> None:
+    """Say which GPU a client trains on when it sees several (one device per client process)."""
+    count = torch.cuda.device_count() if device.startswith("cuda") else 0
+    if count > 1:
+        import logging
+
+        logging.getLogger("flowertune_llm").warning(
+            "this client sees %d GPUs (CUDA_VISIBLE_DEVICES=%s) and trains on one, cuda:0 (%s), with its configured "
+            "batch; give each client its own GPU share (client-resources-num-gpus) or set CUDA_VISIBLE_DEVICES per "
+            "SuperNode", count, os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), torch.cuda.get_device_name(0),
+        )
 
 
 #: glibc's mallopt parameter, and the size from which allocations get their own mapping with it on.
@@ -266,14 +284,15 @@ def train_one_round(
 
     `models=None` / `tokenized=None` rebuild the model / re-tokenize (the reference behaviour).
     """
-    if cfg.train.release_memory and default_device() == "cpu":
+    device = default_device()
+    if cfg.train.release_memory and device == "cpu":
         release_memory_to_os()
     key = (cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.model.name, cfg.train.seq_length,
            cfg.train.prompt_template)
     dataset = tokenized.get(key) if tokenized is not None else None
     if dataset is None:
         dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.train.prompt_template)
-    with tempfile.TemporaryDirectory(prefix="flowertune-train-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flowertune-train-") as tmp, RoundMemory(device) as memory:
         trainer = make_trainer(
             cfg, global_state, dataset, lr, tmp, models=models, callbacks=callbacks, proximal_mu=proximal_mu
         )
@@ -282,10 +301,12 @@ def train_one_round(
         result = trainer.train()
         state = adapter_state(trainer.model)
         num_examples = len(trainer.train_dataset)  # after TRL dropped rows with no response left
+        used = {**memory.peak_mb(), "gpu": float(trainer.args.device.index or 0) if device != "cpu" else -1.0,
+                "visible_gpus": float(visible_gpu_ids())}
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise RuntimeError(f"partition {partition_id}: training loss is {loss}")
-    return RoundResult(state=state, train_loss=loss, num_examples=num_examples)
+    return RoundResult(state=state, train_loss=loss, num_examples=num_examples, device=used)
 
 
 def evaluate_adapter(

@@ -96,6 +96,12 @@ def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
     metrics = read_metrics(run_dir)
     assert [(m["server_round"], m["replies"], m["failures"]) for m in metrics] == [(1, 2, 0), (2, 2, 0)]
     assert all(len(m["client_losses"]) == 2 and m["mb_total"] > 0 for m in metrics)
+    # memory per client, measured each round; a simulated ClientApp given 0 GPUs sees none (Ray sets
+    # CUDA_VISIBLE_DEVICES="" in its worker: visible_gpus 0, where -1 would mean "unset, every GPU visible")
+    clients = [c for m in metrics for c in m["client_losses"]]
+    assert all(c["peak_mem_mb"] > 0 and c["gpu"] == -1 and c["visible_gpus"] == 0 for c in clients), clients
+    assert all(m["peak_mem_mb"] == max(c["peak_mem_mb"] for c in m["client_losses"]) for m in metrics)
+    assert "peak memory per client" in log and re.search(r"Done: .*peak memory per client [\d,]+ MB", log), log[-2000:]
     assert (run_dir / "config.json").is_file() and (run_dir / "loss.png").is_file()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     trained = adapter_state(PeftModel.from_pretrained(base, str(checkpoints[0])))

@@ -18,6 +18,7 @@ from flowertune_llm.devices import (
     ArithmeticError4bit,
     adapter_dtype,
     apply_adapter_precision,
+    default_device,
     packed_4bit_layers,
     require_protocol_arithmetic,
     use_protocol_arithmetic,
@@ -86,7 +87,7 @@ def test_no_model_the_app_builds_ever_packs_its_4bit_weights(
     assert packed_4bit_layers(scorer._model) == []
 
     train_mod.evaluate_adapter(cfg, state, 0, 20)  # eval mode + no_grad on the process's kept model
-    kept = train_mod.MODELS.get(cfg.model, "cpu", cfg.train.seed)
+    kept = train_mod.MODELS.get(cfg.model, default_device(), cfg.train.seed)
     assert packed_4bit_layers(kept) == []
     result = train_mod.train_one_round(cfg, state, 0, 20, 1e-2)  # a later round on that same kept model
     assert packed_4bit_layers(kept) == [] and result.train_loss > 0
@@ -150,31 +151,16 @@ def test_the_adapter_precision_policy_is_float32_on_every_device(tiny_llama_dir:
 
 
 def test_trl_bf16_adapter_freezes_most_of_lora_a_at_the_reference_rate_and_the_app_policy_none(
-    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_dir: Path,
 ) -> None:
     """5 steps at lr 5e-5 (`train.learning-rate-max`): share of lora_A entries left unchanged."""
-    import flowertune_llm.train as train_mod
-    from flowertune_llm.models import initial_adapter
+    from tests.benchmarks.gpu_check import lora_a_unchanged_shares
 
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
         "model.quantization": 4, "train.training-arguments.max-steps": 5,
         "train.training-arguments.lr-scheduler-type": "constant",
     }))
-    start, _ = initial_adapter(cfg.model, cfg.train.seed)
-    names = [k for k in start if "lora_A" in k]
-    shares = {}
-    for side in ("trl-bf16", "app-float32"):
-        if side == "trl-bf16":  # TRL's cast stays: no precision policy
-            monkeypatch.setattr(train_mod, "apply_adapter_precision", lambda model, device: None)
-        else:
-            monkeypatch.undo()
-        result = train_mod.train_one_round(cfg, start, 0, 20, 5e-5, models=None, tokenized=None)
-        unchanged = total = 0
-        for k in names:
-            before = start[k].to(torch.bfloat16).float() if side == "trl-bf16" else start[k]  # as it trained
-            unchanged += int((result.state[k] == before).sum())
-            total += before.numel()
-        shares[side] = unchanged / total
+    shares = lora_a_unchanged_shares(cfg, steps=5)
     print(f"lora_A entries unchanged after 5 steps at 5e-5: {shares}")
     assert shares["trl-bf16"] > 0.5, shares
     assert shares["app-float32"] == 0.0, shares
@@ -205,3 +191,79 @@ def test_a_client_that_sees_two_gpus_keeps_its_batch_and_no_data_parallel(
     with pytest.raises(ValueError, match="DataParallel"):
         SFTTrainer(model=trainer.model, args=plain, train_dataset=trainer.train_dataset,
                    processing_class=trainer.processing_class)
+
+
+@pytest.mark.parametrize("memory, share", [([], 0.0), ([8 * 10**9], 1.0), ([24 * 10**9], 0.5), ([141 * 10**9], 0.5),
+                                           ([80 * 10**9, 80 * 10**9], 1.0)])
+def test_the_default_gpu_share_follows_the_gpus_found(memory: list[int], share: float) -> None:
+    from flowertune_llm.federation import default_gpu_share
+
+    assert default_gpu_share(memory)[0] == share
+
+
+def test_the_federation_command_picks_a_gpu_share_and_says_when_clients_train_on_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    import flowertune_llm.federation as federation
+    from flowertune_llm.cli import main
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    monkeypatch.setattr(federation, "detected_gpu_memory", lambda: [24 * 10**9])  # one 24 GB GPU
+    assert main(["federation"]) == 0
+    assert "0.5 GPU per ClientApp; one GPU with 24 GB" in capsys.readouterr().out
+    options = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]["local"]["options"]
+    assert options["backend"]["client-resources"]["num-gpus"] == 0.5
+    assert main(["federation", "--num-gpus", "0"]) == 0
+    assert "clients will train on CPU" in capsys.readouterr().out
+    monkeypatch.setattr(federation, "detected_gpu_memory", lambda: [])
+    assert main(["federation"]) == 0
+    assert "0 GPU per ClientApp; no GPU found" in capsys.readouterr().out
+
+
+def test_no_app_process_changes_rays_gpu_assignment() -> None:
+    """RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 in a process would let Ray's workers given 0 GPUs see every GPU."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, flowertune_llm.client_app, flowertune_llm.server_app, flowertune_llm.cli; "
+            "print(os.environ.get('RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO', 'unset'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "unset"
+
+
+def test_round_memory_reports_the_peak_of_the_round_not_of_the_process() -> None:
+    from flowertune_llm.devices import RoundMemory
+
+    big = torch.ones(200 * 2**20 // 4)  # 200 MB held, then freed: a peak before the round
+    big += 1
+    del big
+    with RoundMemory("cpu") as memory:
+        small = torch.ones(20 * 2**20 // 4)
+        small += 1
+        peak = memory.peak_mb()["peak_mem_mb"]
+    if memory.reset:  # Linux: the high-water mark was reset when the round began
+        import psutil
+
+        assert peak < psutil.Process().memory_info().rss / 1e6 + 150  # not the earlier 200 MB peak on top
+    assert peak > 0
+
+
+def test_the_gpu_check_dry_run_passes_on_cpu(tmp_path: Path) -> None:
+    """`python -m tests.benchmarks.gpu_check --device cpu`: every row runs and passes before GPU time is spent."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.gpu_check", "--device", "cpu", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 and all(r["ok"] for r in rows.values()), rows
+    assert "| (a) placement under Ray | pass |" in proc.stdout

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from flowertune_llm.checkpoint import checkpoint_metadata, latest_checkpoint, load_resume, save_adapter
 from flowertune_llm.config import ConfigError, parse_config
+from flowertune_llm.devices import default_device
 from flowertune_llm.metrics import RunLog, read_metrics
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
 from flowertune_llm.strategy import FlowerTuneFedAvg, RoundLog, sample_round
@@ -43,9 +44,10 @@ def test_partition_a_then_b_in_one_process_equals_b_alone_in_a_fresh_process(
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     models, tokenized = ModelCache(), TokenizedCache()
     a = train_one_round(cfg, start, 3, 20, 1e-2, models, tokenized)
-    model_after_a = models.get(cfg.model, "cpu", cfg.train.seed)
+    device = default_device()  # the key train_one_round used on this machine
+    model_after_a = models.get(cfg.model, device, cfg.train.seed)
     b = train_one_round(cfg, start, 7, 20, 1e-2, models, tokenized)
-    assert models.get(cfg.model, "cpu", cfg.train.seed) is model_after_a  # kept, not rebuilt
+    assert models.get(cfg.model, device, cfg.train.seed) is model_after_a  # kept, not rebuilt
     assert any(not torch.equal(a.state[k], b.state[k]) for k in a.state)
 
     out = tmp_path / "b_alone.safetensors"

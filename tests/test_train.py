@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowertune_llm.config import parse_config
+from flowertune_llm.devices import default_device
 from flowertune_llm.models import initial_adapter
 from flowertune_llm.train import evaluate_adapter, train_one_round
 from tests.conftest import tiny_run_config
@@ -61,6 +62,9 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
     without gradients, must not depend on which kernel the CPU has.
     """
     from flowertune_llm.devices import packed_4bit_layers
+
+    if default_device() != "cpu":
+        pytest.skip("compares float32 CPU arithmetic; on a GPU the trainer computes under bf16 autocast")
     import trl.trainer.utils as trl_utils
 
     import flowertune_llm.train as train_mod
@@ -127,7 +131,7 @@ def test_release_memory_is_applied_by_default_and_not_when_turned_off(
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **overrides))
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     train_one_round(cfg, start, 0, 20, 1e-2)
-    assert calls == [1] * applied
+    assert calls == [1] * (applied and default_device() == "cpu")  # a CPU setting: never called on a GPU
 
 
 def test_release_memory_to_os_is_accepted_by_glibc() -> None:
