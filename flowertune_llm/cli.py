@@ -1,4 +1,4 @@
-"""`flowertune-llm`: helper commands around the Flower app (federation setup, weights, evaluation)."""
+"""`flowertune-llm`: helper commands around the Flower app (federation, weights, evaluation, runs, sweeps, submission)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,69 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from flowertune_llm.runs import find_runs, format_table, plot_runs
+
+    runs = find_runs([Path(p) for p in args.results_dir or ["results"]])
+    if not runs:
+        print(f"no run folders in {', '.join(args.results_dir or ['results'])}", file=sys.stderr)
+        return 1
+    print(format_table(runs, args.format))
+    if args.plot:
+        print(f"plot: {plot_runs(runs, Path(args.plot))}", file=sys.stderr)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from flwr.common.config import parse_config_args
+
+    from flowertune_llm.runs import format_table
+    from flowertune_llm.submission import app_config
+    from flowertune_llm.sweep import (
+        FlowerCli, default_sweep_name, file_points, flower_env, grid_points, run_sweep, sweep_runs,
+    )
+
+    points = grid_points(args.grid or []) + (file_points(Path(args.points)) if args.points else [])
+    fixed = parse_config_args(args.run_config) if args.run_config else {}
+    name = args.name or default_sweep_name()
+    defaults = app_config(Path(args.app))
+    cli = FlowerCli(Path(args.app), args.connection, flower_env())
+    print(f"sweep {name}: {len(points)} points")
+    try:
+        outcomes = run_sweep(name, points, fixed, defaults, cli, args.federation_config)
+    except KeyboardInterrupt:
+        print(f"sweep {name} interrupted; `flowertune-llm sweep --name {name} ...` again skips the completed points",
+              file=sys.stderr)
+        return 130
+    output_dir = Path(str(fixed.get("train.output-dir") or defaults.get("train.output-dir", "results"))).expanduser()
+    runs = sweep_runs(output_dir.resolve(), name)
+    if runs:
+        print(format_table(runs))
+    failed = [o for o in outcomes if o.status not in ("finished:completed", "skipped")]
+    for o in failed:
+        print(f"failed: {o.point.label}: {o.status} {o.details}".rstrip(), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _submission(args: argparse.Namespace) -> int:
+    from flowertune_llm.submission import SubmissionError, build_submission
+
+    try:
+        out, violations, ev = build_submission(
+            Path(args.run_dir), Path(args.out), Path(args.app), args.data, args.batch_size, args.device,
+            Path(args.eval_results) if args.eval_results else None, args.allow_rule_violations, args.run_name,
+            show_progress=not args.no_progress,
+        )
+    except SubmissionError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    avg = ev.summary.get("average")
+    print(f"{out}: {'NOT ELIGIBLE (' + str(len(violations)) + ' rule violations), ' if violations else ''}"
+          f"average {100 * avg:.2f} on the MMLU test split; evaluation {ev.source}")
+    return 0
+
+
 def _import(args: argparse.Namespace) -> int:
     from flowertune_llm.gguf import import_gguf
 
@@ -123,6 +186,35 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = eval_cli.add_arguments(sub.add_parser("evaluate", help="MMLU, FlowerTune General-NLP protocol"))
     ev.set_defaults(func=eval_cli.run)
+
+    runs = sub.add_parser("runs", help="one table of run folders (default results/), best validation first")
+    runs.add_argument("results_dir", nargs="*", help="run folders, or folders of run folders (default: results)")
+    runs.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    runs.add_argument("--plot", default=None, help="also write one PNG with every run's validation and loss curves")
+    runs.set_defaults(func=_runs)
+
+    sweep = sub.add_parser("sweep", help="one `flwr run` per point of a grid; every point checked first")
+    sweep.add_argument("--grid", action="append", help='"key=v1,v2" (repeatable: the product of all)')
+    sweep.add_argument("--points", default=None, help="a TOML file: [grid] key = [values], and/or [[point]] tables")
+    sweep.add_argument("--run-config", action="append", help="fixed overrides for every run (flwr's syntax)")
+    sweep.add_argument("--federation-config", default=None, help="passed to every `flwr run`")
+    sweep.add_argument("--name", default=None, help="the sweep's name; an existing one resumes (skips completed points)")
+    sweep.add_argument("--app", default=".", help="the app folder (default: .)")
+    sweep.add_argument("--connection", default=None, help="SuperLink connection (default: flwr's default)")
+    sweep.set_defaults(func=_sweep)
+
+    sm = sub.add_parser("submission", help="a leaderboard entry's folder from a finished run (rules checked first)")
+    sm.add_argument("run_dir", help="results/<run>")
+    sm.add_argument("--out", required=True, help="the folder to create (must not exist, or be empty)")
+    sm.add_argument("--app", default=".", help="the app folder whose static section applies (default: .)")
+    sm.add_argument("--data", default="cais/mmlu", help="MMLU test split: hub id or a local copy, as flowertune-eval")
+    sm.add_argument("--batch-size", type=int, default=16)
+    sm.add_argument("--device", default=None)
+    sm.add_argument("--run-name", default=None, help="suffix of the evaluation files (default: the run folder's name)")
+    sm.add_argument("--eval-results", default=None, help="reuse this earlier flowertune-eval output of the same checkpoint")
+    sm.add_argument("--allow-rule-violations", action="store_true", help="build anyway, marked not eligible")
+    sm.add_argument("--no-progress", action="store_true")
+    sm.set_defaults(func=_submission)
 
     args = parser.parse_args(argv)
     try:

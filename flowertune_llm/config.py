@@ -366,3 +366,26 @@ def check_overrides(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown key '{key}'{hint}; valid keys are in [tool.flwr.app.config] of pyproject.toml")
     return parse_config({**defaults, **overrides})
+
+
+def run_config_arg(overrides: Mapping[str, Any]) -> str:
+    """`--run-config` text for these overrides (TOML values; strings single-quoted, or double-quoted if they hold ').
+
+    flwr reads a quoted value up to the next quote of the same kind, with no escapes: a string with
+    both kinds of quote (or a backslash inside double quotes) cannot be passed, and is refused here.
+    """
+
+    def fmt(key: str, v: object) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, float):
+            return repr(v)
+        if not isinstance(v, str):
+            return str(v)
+        if "'" not in v:
+            return f"'{v}'"
+        if '"' not in v and "\\" not in v:
+            return f'"{v}"'
+        raise ConfigError(f"{key}={v!r}: flwr's --run-config cannot carry a value with both kinds of quotes")
+
+    return " ".join(f"{k}={fmt(k, v)}" for k, v in overrides.items())

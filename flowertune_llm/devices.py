@@ -193,3 +193,23 @@ def _peak_rss_bytes() -> int:
     import resource  # ru_maxrss: KB on Linux
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def hardware(device: str) -> str:
+    """What a figure was measured on: the CPU model, cores, its bf16 flags, and the GPU when one is used."""
+    import platform
+    from pathlib import Path
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    bf16 = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "no avx512_bf16/amx_bf16"
+    text = f"{cpu}, {os.cpu_count()} cores ({bf16}), torch {torch.__version__}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text = f"{torch.cuda.get_device_name(torch.device(device))}; {text}"
+    return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from flowertune_llm.strategy import RoundLog
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
 PLOT_FILE = "loss.png"
 
 
@@ -112,11 +114,14 @@ def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) 
 class RunLog:
     """Writes a run's config and per-round metrics; refreshes the loss plot on request."""
 
-    def __init__(self, run_dir: Path, cfg: Config, last_round: int = 0) -> None:
+    def __init__(self, run_dir: Path, cfg: Config, last_round: int = 0, run_info: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, default=str))
+        # run_info: the flat run_config as Flower passed it, the node count the ServerApp saw, Flower's run id
+        config = {**cfg.to_dict(), "run": run_info or {}}
+        _atomic_write(self.run_dir / CONFIG_FILE, json.dumps(config, indent=2, default=str))
+        self._started = time.time()
         # A resumed run drops lines of rounds after its checkpoint (the killed run may have more).
         kept = [m for m in read_metrics(self.run_dir) if m["server_round"] <= last_round]
         _atomic_write(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
@@ -178,6 +183,11 @@ class RunLog:
         if round_log.validation:
             log_validation(round_log.server_round, self.cfg.num_server_rounds, round_log.validation)
             self._tensorboard_validation(round_log.server_round, round_log.validation)
+
+    def set_status(self, status: str, **details: Any) -> None:
+        """status.json: "running", "complete" or "failed" (with the error), and when; read by `flowertune-llm runs`."""
+        record = {"status": status, "started": self._started, "updated": time.time(), **details}
+        _atomic_write(self.run_dir / STATUS_FILE, json.dumps(record, indent=2, default=str))
 
     def plot(self) -> Path:
         """Redraw loss.png from metrics.jsonl."""

@@ -59,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         min_replies=cfg.strategy.min_replies,
         **dict(cfg.strategy.params),
     )
-    run_log = RunLog(run_dir, cfg, last_round=done)
+    run_info = {"run_config": dict(context.run_config), "num_nodes": num_nodes, "flower_run_id": context.run_id}
+    run_log = RunLog(run_dir, cfg, last_round=done, run_info=run_info)
     checkpointer = Checkpointer(
         run_dir,
         peft_config,
@@ -86,13 +87,19 @@ def main(grid: Grid, context: Context) -> None:
 
     log(INFO, "Run folder: %s", run_dir)
     runner = with_dp(strategy, cfg.dp, num_nodes=num_nodes)
-    runner.start(
-        grid=grid,
-        initial_arrays=state_to_arrays(state),
-        num_rounds=cfg.num_server_rounds - done,
-        train_config=ConfigRecord(),
-        evaluate_fn=on_round_end,
-    )
+    run_log.set_status("running")
+    try:
+        runner.start(
+            grid=grid,
+            initial_arrays=state_to_arrays(state),
+            num_rounds=cfg.num_server_rounds - done,
+            train_config=ConfigRecord(),
+            evaluate_fn=on_round_end,
+        )
+    except Exception as exc:
+        run_log.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    run_log.set_status("complete", peak_mem_mb=strategy.peak_mem_mb)
     run_log.close()
     log(
         INFO,

@@ -36,17 +36,6 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def run_config_arg(overrides: dict) -> str:
-    """`--run-config` text for these overrides (TOML values)."""
-
-    def fmt(v: object) -> str:
-        if isinstance(v, bool):
-            return str(v).lower()
-        return f"'{v}'" if isinstance(v, str) else str(v)
-
-    return " ".join(f"{k}={fmt(v)}" for k, v in overrides.items())
-
-
 def round_lines(log: str) -> list[tuple[str, str, str, str]]:
     """(round, clients, failed, loss) from the server's per-round log lines."""
     found = re.findall(r"\[round (\d+)/\d+\] train_loss=(\S+) lr=\S+ clients=(\d+) failed=(\d+)", log)

@@ -15,11 +15,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm.config import parse_config
+from flowertune_llm.config import parse_config, run_config_arg
 from flowertune_llm.metrics import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
 from tests.conftest import ALPACA_SUBSET, MMLU_VAL, ROOT, tiny_overrides, tiny_run_config
-from tests.processes import BIN, flower_env, round_lines, run_config_arg, start_simulation_superlink, stop_tree
+from tests.processes import BIN, flower_env, round_lines, start_simulation_superlink, stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -236,3 +236,43 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
     cut_m = read_metrics(cut_run)
     assert [m["server_round"] for m in cut_m] == [0, 1, 2, 3, 4]  # the series goes on where it stopped
     assert [comparable(m) for m in cut_m[3:]] == [comparable(m) for m in full_m[3:]]
+
+
+def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_lists_all(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """2 x 2 points (learning rate x template) of 1-round runs; one point's dataset path passes the offline
+    check but does not exist, so its run fails at start. The sweep goes on, exits 1, and `runs` lists all four."""
+    results = tmp_path / "results"
+    fixed = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 1, "train.training-arguments.max-steps": 1,
+                                              "strategy.fraction-train": 0.05, "train.output-dir": str(results)})
+    points = tmp_path / "points.toml"
+    points.write_text(
+        '[[point]]\n"train.learning-rate-max" = 0.01\n"train.prompt-template" = "alpaca"\n\n'
+        '[[point]]\n"train.learning-rate-max" = 0.01\n"train.prompt-template" = "qa"\n\n'
+        '[[point]]\n"train.learning-rate-max" = 0.001\n"train.prompt-template" = "alpaca"\n\n'
+        '[[point]]\n"train.learning-rate-max" = 0.001\n"train.prompt-template" = "qa"\n'
+        f'"static.dataset.name" = "{tmp_path / "no-such-alpaca.jsonl"}"\n'
+    )
+    with simulation_superlink(tmp_path) as (env, connection):
+        proc = subprocess.run(
+            [str(BIN / "flowertune-llm"), "sweep", "--name", "e2e", "--points", str(points), "--app", str(ROOT),
+             "--connection", connection, "--run-config", run_config_arg(fixed),
+             "--federation-config", "num-supernodes=20 client-resources-num-cpus=1"],
+            env=env, capture_output=True, text=True, timeout=900, check=False,
+        )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    progress = proc.stdout  # one line per point on stdout; the failures are repeated on stderr at the end
+    assert progress.count(": finished:completed") == 3 and progress.count(": finished:failed") == 1, out[-3000:]
+    assert "no-such-alpaca.jsonl" in out  # the failed point's reason, from Flower's run status
+    listed = subprocess.run([str(BIN / "flowertune-llm"), "runs", str(results), "--format", "json"],
+                            capture_output=True, text=True, check=True).stdout
+    rows = json.loads(listed)
+    assert sorted(r["status"] for r in rows) == ["complete", "complete", "complete", "failed"], rows
+    assert {"static.dataset.name", "train.learning-rate-max", "train.prompt-template"} <= set(rows[0]), rows[0]
+    assert {(r["train.learning-rate-max"], r["train.prompt-template"]) for r in rows} == {
+        (0.01, "alpaca"), (0.01, "qa"), (0.001, "alpaca"), (0.001, "qa")}
+    configs = [json.loads(p.read_text()) for p in results.glob("*/config.json")]
+    assert all(c["run"]["run_config"]["sweep.name"] == "e2e" for c in configs)
+    assert all(c["run"]["num_nodes"] == 20 for c in configs if "num_nodes" in c["run"])

@@ -14,6 +14,7 @@ from flowertune_llm.evaluate.attention import RowwiseHead, batch_invariant
 from flowertune_llm.evaluate.cli import main as eval_main
 from flowertune_llm.evaluate.data import EvalDataError, by_category, load_questions
 from flowertune_llm.evaluate.protocol import (
+    FULL_TEST_COUNTS,
     LEADERBOARD_CATEGORIES,
     MMLU_CATEGORIES,
     build_prompt,
@@ -79,7 +80,7 @@ def test_protocol_categories_match_the_offline_mmlu_counts() -> None:
     assert len(questions) == 14042
     grouped = by_category(questions, list(MMLU_CATEGORIES))
     counts = {c: len(v) for c, v in grouped.items()}
-    assert counts == {"stem": 3153, "social_sciences": 3077, "humanities": 4705, "other": 3107}
+    assert counts == FULL_TEST_COUNTS
     subjects = [s for subs in MMLU_CATEGORIES.values() for s in subs]
     assert len(subjects) == len(set(subjects)) == 57
     assert set(subjects) == {q.subject for q in questions}

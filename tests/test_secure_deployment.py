@@ -26,8 +26,9 @@ from flowertune_llm.config import parse_config
 from flowertune_llm.metrics import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
 from tests.conftest import ROOT, tiny_overrides, tiny_run_config
+from flowertune_llm.config import run_config_arg
 from tests.processes import (
-    BIN, flower_env, round_lines, run_config_arg, start_superlink, start_supernode, stop_tree,
+    BIN, flower_env, round_lines, start_superlink, start_supernode, stop_tree,
 )
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.evaluate.runner import EvalResult, evaluate_questions, load_model, write_outputs
 from flowertune_llm.gguf import resolve_model_path
 from flowertune_llm.hub import require_hub_or_cache
-from flowertune_llm.devices import default_device
+from flowertune_llm.devices import default_device, hardware
 from flowertune_llm.models import AdapterState, set_adapter_state
 
 
@@ -47,9 +47,19 @@ def evaluate_mmlu(
             "device": device,
             "data": data,
             "limit": limit,
+            # identifies the checkpoint: `flowertune-llm submission` reuses this evaluation only for the same bytes
+            "adapter_sha256": adapter_sha256(peft_path) if peft_path else None,
+            "hardware": hardware(device),
         }
         write_outputs(result, run_name, Path(output_dir), extra)
     return result
+
+
+def adapter_sha256(peft_path: str | Path) -> str:
+    """SHA-256 of a PEFT folder's adapter_model.safetensors (the checkpoint's identity)."""
+    from flowertune_llm.gguf import content_hash
+
+    return content_hash(Path(peft_path) / "adapter_model.safetensors")
 
 
 class AdapterScorer:

@@ -35,6 +35,8 @@ MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
     ),
 }
 LEADERBOARD_CATEGORIES = ("stem", "social_sciences", "humanities")
+#: Questions per category in the full MMLU test split (14,042 in all): what a leaderboard evaluation scores.
+FULL_TEST_COUNTS = {"stem": 3153, "social_sciences": 3077, "humanities": 4705, "other": 3107}
 SUBJECT_TO_CATEGORY = {s: c for c, subjects in MMLU_CATEGORIES.items() for s in subjects}
 
 SYSTEM_LINE = "Answer the following multiple choice question."

@@ -159,7 +159,7 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def _same_base(adapter_base: str, base: str) -> bool:
+def same_base(adapter_base: str, base: str) -> bool:
     if adapter_base == base or model_identity(adapter_base) == model_identity(base):
         return True
     a, b = Path(adapter_base).expanduser(), Path(base).expanduser()
@@ -184,7 +184,7 @@ def check_peft_path(peft_path: str, base: str) -> None:
     if not config_file.is_file():
         raise EvalModelError(f"--peft-path {peft_path}: no adapter_config.json there")
     adapter_base = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
-    if adapter_base and not _same_base(adapter_base, base):
+    if adapter_base and not same_base(adapter_base, base):
         working = _working_base(adapter_base)
         hint = (
             f"; use --base-model-name-path {working}"

@@ -1,0 +1,292 @@
+"""Run folders read back: one typed record per `results/<run>/`, the table of several, their curves.
+
+Used by `flowertune-llm runs`, `sweep` and `submission` alike. Reads only what the ServerApp
+writes (config.json, metrics.jsonl, status.json, peft_<N>/); runs from before a field existed
+still read, with empty cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowertune_llm.checkpoint import is_complete
+from flowertune_llm.metrics import CONFIG_FILE, STATUS_FILE, format_duration, read_metrics
+
+#: Run-config keys that say where a run belongs or writes, not how it trains: never "differing keys".
+BOOKKEEPING_KEYS = ("sweep.name", "sweep.point", "train.output-dir", "train.resume-from")
+
+
+class RunsError(ValueError):
+    """A path given to `runs`/`submission` is not a run folder (the message names it)."""
+
+
+@dataclass
+class RunRecord:
+    """One run folder: its configuration, its metrics lines, its checkpoints and its status file."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    status_file: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The folder's name (a timestamp)."""
+        return self.path.name
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """The flat run_config the run was started with ({} for runs from before it was recorded)."""
+        return dict((self.config.get("run") or {}).get("run_config") or {})
+
+    @property
+    def num_nodes(self) -> int | None:
+        """How many SuperNodes the ServerApp saw (None for runs from before it was recorded)."""
+        return (self.config.get("run") or {}).get("num_nodes")
+
+    @property
+    def num_rounds(self) -> int | None:
+        """The rounds the run was configured for."""
+        value = self.config.get("num_server_rounds", self.run_config.get("num-server-rounds"))
+        return int(value) if value is not None else None
+
+    @property
+    def base_model(self) -> str:
+        """`model.name` of the run."""
+        return str((self.config.get("model") or {}).get("name") or self.run_config.get("model.name", ""))
+
+    @property
+    def sweep(self) -> tuple[str, str]:
+        """(sweep name, point) when `flowertune-llm sweep` started the run, else ("", "")."""
+        rc = self.run_config
+        return str(rc.get("sweep.name", "") or ""), str(rc.get("sweep.point", "") or "")
+
+    @property
+    def trained(self) -> list[dict[str, Any]]:
+        """The metrics lines of trained rounds (round 0 is the baseline evaluation only)."""
+        return [m for m in self.metrics if m.get("server_round", 0) > 0]
+
+    @property
+    def rounds_done(self) -> int:
+        """The last round with a metrics line."""
+        return max((m["server_round"] for m in self.trained), default=0)
+
+    @property
+    def status(self) -> str:
+        """complete / stopped at round k of n / failed (status.json when written, else from the metrics)."""
+        written = self.status_file.get("status")
+        if written == "failed":
+            return "failed"
+        if written == "complete" or (self.num_rounds is not None and self.rounds_done >= self.num_rounds > 0):
+            return "complete"
+        return f"stopped at round {self.rounds_done} of {self.num_rounds if self.num_rounds is not None else '?'}"
+
+    @property
+    def last_train_loss(self) -> float | None:
+        """Train loss of the last trained round."""
+        losses = [m["train_loss"] for m in self.trained if m.get("train_loss") is not None]
+        return losses[-1] if losses else None
+
+    @property
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The metrics lines with validation figures (round 0 included)."""
+        return [m for m in self.metrics if m.get("val_mmlu_avg") is not None]
+
+    @property
+    def best_validation(self) -> dict[str, Any] | None:
+        """The line with the highest validation average (the earliest such round on ties)."""
+        evals = self.evaluations
+        return max(evals, key=lambda m: (m["val_mmlu_avg"], -m["server_round"])) if evals else None
+
+    @property
+    def comm_total_mb(self) -> float | None:
+        """Communication of the run so far, payload MB (1024² bytes), as the server logs it."""
+        totals = [m["mb_total"] for m in self.trained if m.get("mb_total") is not None]
+        return totals[-1] if totals else None
+
+    @property
+    def comm_total_with_keys_mb(self) -> float | None:
+        """The same counting key strings, as `ArrayRecord.count_bytes()` does (the budget warning's figure)."""
+        totals = [m["mb_total_with_keys"] for m in self.trained if m.get("mb_total_with_keys") is not None]
+        return totals[-1] if totals else None
+
+    @property
+    def peak_mem_mb(self) -> float | None:
+        """The largest client peak memory of the run (None where not recorded)."""
+        peaks = [m["peak_mem_mb"] for m in self.trained if m.get("peak_mem_mb") is not None]
+        return max(peaks) if peaks else None
+
+    @property
+    def wall_time_s(self) -> float | None:
+        """Start to last update (status.json), else the rounds' and evaluations' own times added up."""
+        if "started" in self.status_file and "updated" in self.status_file:
+            return float(self.status_file["updated"]) - float(self.status_file["started"])
+        times = [float(m.get("wall_time_s") or 0) + float(m.get("val_eval_s") or 0) for m in self.metrics]
+        return sum(times) if times else None
+
+    @property
+    def final_checkpoint(self) -> Path | None:
+        """peft_<num rounds>/ when complete on disk."""
+        if self.num_rounds is None:
+            return None
+        folder = self.path / f"peft_{self.num_rounds}"
+        return folder if folder.is_dir() and is_complete(folder) else None
+
+
+def read_run(path: Path) -> RunRecord:
+    """One run folder; a folder without config.json is refused, naming it."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise RunsError(f"{path}: not a run folder (no {CONFIG_FILE})")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunsError(f"{config_file}: not JSON ({exc})") from exc
+    status_path = path / STATUS_FILE
+    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    checkpoints = sorted(
+        int(p.name.removeprefix("peft_")) for p in path.glob("peft_*") if p.is_dir() and is_complete(p)
+    )
+    return RunRecord(path, config, read_metrics(path), status, checkpoints)
+
+
+def find_runs(paths: list[Path]) -> list[RunRecord]:
+    """Run folders among `paths`: each is a run folder, or a folder whose subfolders are (e.g. results/)."""
+    runs = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            raise RunsError(f"{path}: no such folder")
+        if (path / CONFIG_FILE).is_file():
+            runs.append(read_run(path))
+            continue
+        runs.extend(read_run(p) for p in sorted(path.iterdir()) if p.is_dir() and (p / CONFIG_FILE).is_file())
+    return runs
+
+
+def differing_keys(runs: list[RunRecord]) -> list[str]:
+    """Run-config keys whose values are not the same in every listed run that recorded its run_config."""
+    configs = [r.run_config for r in runs if r.run_config]
+    keys = sorted({k for c in configs for k in c} - set(BOOKKEEPING_KEYS))
+    missing = object()
+    return [k for k in keys if len({json.dumps(c.get(k, missing), default=str) for c in configs}) > 1]
+
+
+def _label(run: RunRecord, keys: list[str]) -> str:
+    rc = run.run_config
+    return " ".join(f"{k}={rc.get(k, '-')}" for k in keys) or run.name
+
+
+def sort_by_best_validation(runs: list[RunRecord]) -> list[RunRecord]:
+    """Best validation average first; runs without one last, newest first among them."""
+    def key(run: RunRecord) -> tuple:
+        best = run.best_validation
+        return (best is None, -(best["val_mmlu_avg"] if best else 0.0), run.name)
+
+    return sorted(runs, key=key)
+
+
+def rows(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The table's columns and one dict per run (values, not text), sorted by best validation average."""
+    keys = differing_keys(runs)
+    out = []
+    for run in sort_by_best_validation(runs):
+        best, evals = run.best_validation, run.evaluations
+        out.append({
+            "run": str(run.path),
+            "status": run.status,
+            "base_model": Path(run.base_model).name if run.base_model.startswith(("/", ".", "~")) else run.base_model,
+            **{k: run.run_config.get(k) for k in keys},
+            "rounds": run.rounds_done,
+            "last_train_loss": run.last_train_loss,
+            "best_val_avg": best["val_mmlu_avg"] if best else None,
+            "best_round": best["server_round"] if best else None,
+            "last_val_avg": evals[-1]["val_mmlu_avg"] if evals else None,
+            "valid_letters_at_best": best.get("val_valid_letter_rate") if best else None,
+            "letter_ceiling_at_best": best.get("val_letter_ceiling") if best else None,
+            "comm_mb": run.comm_total_mb,
+            "peak_mem_mb": run.peak_mem_mb,
+            "wall_s": run.wall_time_s,
+        })
+    columns = ["run", "status", "base_model", *keys, "rounds", "last_train_loss", "best_val_avg", "best_round",
+               "last_val_avg", "valid_letters_at_best", "letter_ceiling_at_best", "comm_mb", "peak_mem_mb", "wall_s"]
+    return columns, out
+
+
+_PERCENT = {"best_val_avg", "last_val_avg", "valid_letters_at_best", "letter_ceiling_at_best"}
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column in _PERCENT:
+        return f"{100 * value:.2f}"
+    if column == "last_train_loss":
+        return f"{value:.4f}"
+    if column in ("comm_mb", "peak_mem_mb"):
+        return f"{value:,.1f}"
+    if column == "wall_s":
+        return format_duration(value)
+    if column == "run":
+        return Path(value).name
+    return str(value)
+
+
+def format_table(runs: list[RunRecord], fmt: str = "table") -> str:
+    """The runs as an aligned text table (percentages for accuracies), or as json / csv with raw values."""
+    columns, table = rows(runs)
+    if fmt == "json":
+        return json.dumps(table, indent=1, default=str)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+        return buffer.getvalue()
+    headers = {"best_val_avg": "best val %", "best_round": "@round", "last_val_avg": "last val %",
+               "valid_letters_at_best": "letters %", "letter_ceiling_at_best": "ceiling %", "comm_mb": "comm MB",
+               "peak_mem_mb": "peak MB", "wall_s": "wall", "last_train_loss": "loss", "base_model": "base model"}
+    text = [[headers.get(c, c) for c in columns]] + [[_cell(c, row[c]) for c in columns] for row in table]
+    widths = [max(len(r[i]) for r in text) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in text]
+    note = "letters % and ceiling % at the best round: diagnostics, not leaderboard figures"
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], note])
+
+
+def plot_runs(runs: list[RunRecord], path: Path) -> Path:
+    """One PNG: validation average (left) and train loss (right) per round, one curve per run, labelled by differing keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = differing_keys(runs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        label = _label(run, keys)
+        evals = run.evaluations
+        left.plot([m["server_round"] for m in evals], [100 * m["val_mmlu_avg"] for m in evals], marker="o", label=label)
+        trained = [m for m in run.trained if m.get("train_loss") is not None and math.isfinite(m["train_loss"])]
+        right.plot([m["server_round"] for m in trained], [m["train_loss"] for m in trained], marker=".", label=label)
+    left.set_title("validation MMLU average (protocol, %)", fontsize=10)
+    right.set_title("train loss", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

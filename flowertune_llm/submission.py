@@ -1,0 +1,266 @@
+"""`flowertune-llm submission`: a finished run -> the folder a FlowerTune LLM leaderboard entry publishes.
+
+Checks the rules first (static section unchanged, exactly 20 SuperNodes, complete run, final
+checkpoint present), runs the official evaluation of the final checkpoint (the same
+`evaluate_mmlu` as `flowertune-eval`) or reuses an earlier one of the same bytes, and writes the
+folder through a temporary sibling renamed into place: nothing half-written if anything fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowertune_llm.config import LEADERBOARD_DATASETS, LEADERBOARD_NUM_SUPERNODES, run_config_arg
+from flowertune_llm.evaluate.protocol import FULL_TEST_COUNTS, LEADERBOARD_CATEGORIES
+from flowertune_llm.metrics import CONFIG_FILE, METRICS_FILE, PLOT_FILE
+from flowertune_llm.runs import BOOKKEEPING_KEYS, RunRecord, read_run
+
+#: The dataset id the seed's reference submission trained on, and the one Flower's current template names.
+SEED_DATASET, TEMPLATE_DATASET = LEADERBOARD_DATASETS
+
+
+class SubmissionError(ValueError):
+    """The run cannot become a submission; one line per reason."""
+
+
+def app_config(app: Path) -> dict[str, Any]:
+    """The app's flat [tool.flwr.app.config] (static keys as `static.<key>`), as flwr flattens it."""
+    from flwr.common.config import flatten_dict, get_project_config
+
+    if not (Path(app) / "pyproject.toml").is_file():
+        raise SubmissionError(f"--app {app}: no pyproject.toml there (the app folder whose static section applies)")
+    return flatten_dict(get_project_config(str(app))["tool"]["flwr"]["app"].get("config", {}))
+
+
+def rule_violations(run: RunRecord, defaults: dict[str, Any]) -> list[str]:
+    """One line per leaderboard rule the run breaks, naming key and value."""
+    lines = []
+    recorded = (run.config.get("run") or {}).get("run_config") or {}
+    for key, expected in ((k, v) for k, v in defaults.items() if k.startswith("static.")):
+        value = recorded.get(key, run.config.get("dataset_name") if key == "static.dataset.name" else None)
+        if value != expected:
+            lines.append(f"{key}={value!r}: the app's static section says {expected!r} (must stay unchanged)")
+    nodes = run.num_nodes
+    if nodes is None:
+        lines.append("num_nodes: not recorded in config.json (a run from before node counts were recorded)")
+    elif nodes != LEADERBOARD_NUM_SUPERNODES:
+        lines.append(f"num_nodes={nodes}: the run's federation had {nodes} SuperNodes; "
+                     f"the leaderboard needs exactly {LEADERBOARD_NUM_SUPERNODES}")
+    if run.status != "complete":
+        lines.append(f"status={run.status!r}: the run must be complete to its last round "
+                     f"(num-server-rounds={run.num_rounds})")
+    if run.final_checkpoint is None:
+        lines.append(f"peft_{run.num_rounds}: the final checkpoint is not in {run.path}")
+    return lines
+
+
+def adapter_hash(peft: Path) -> str:
+    """The checkpoint's identity, as `flowertune-eval` records it in results.json."""
+    from flowertune_llm.evaluate.api import adapter_sha256
+
+    return adapter_sha256(peft)
+
+
+def reusable_evaluation(eval_dir: Path, peft: Path, base: str) -> dict[str, Any]:
+    """An earlier `flowertune-eval` of these adapter bytes and base, 4-bit, full categories, no --limit; else an error."""
+    from flowertune_llm.evaluate.runner import same_base
+
+    path = Path(eval_dir) / "results.json"
+    if not path.is_file():
+        raise SubmissionError(f"--eval-results {eval_dir}: no results.json there")
+    summary = json.loads(path.read_text())
+    problems = []
+    if summary.get("adapter_sha256") != adapter_hash(peft):
+        problems.append(f"adapter_sha256={summary.get('adapter_sha256')!r} is not that of {peft}")
+    if not same_base(str(summary.get("base_model", "")), base):
+        problems.append(f"base_model={summary.get('base_model')!r} is not the run's {base!r}")
+    if summary.get("quantization") != 4:
+        problems.append(f"quantization={summary.get('quantization')!r}: the leaderboard evaluates in 4-bit")
+    if summary.get("limit") is not None:
+        problems.append(f"limit={summary.get('limit')!r}: the leaderboard scores every question")
+    if not set(LEADERBOARD_CATEGORIES) <= set(summary.get("categories", {})):
+        problems.append(f"categories={sorted(summary.get('categories', {}))}: needs {', '.join(LEADERBOARD_CATEGORIES)}")
+    if problems:
+        raise SubmissionError(f"--eval-results {eval_dir}: " + "; ".join(problems))
+    return summary
+
+
+@dataclass
+class Evaluation:
+    """The final checkpoint's scores and where they came from."""
+
+    summary: dict[str, Any]
+    source: str  # "ran now" or "reused <dir>"
+    command: str
+
+
+def _evaluate(run: RunRecord, peft: Path, out: Path, args: dict[str, Any]) -> Evaluation:
+    from flowertune_llm.evaluate.api import evaluate_mmlu
+    from flowertune_llm.evaluate.data import DEFAULT_DATA
+
+    base, run_name = run.base_model, args["run_name"]
+    command = (f"flowertune-eval --base-model-name-path {base} --peft-path {peft.name} --run-name {run_name} "
+               f"--batch-size {args['batch_size']} --quantization 4"
+               + (f" --data {args['data']}" if args["data"] != DEFAULT_DATA else ""))
+    if args.get("eval_results"):
+        source = Path(args["eval_results"])
+        summary = reusable_evaluation(source, peft, base)
+        out.mkdir(parents=True)
+        for category in LEADERBOARD_CATEGORIES:
+            for name in (f"acc_mmlu_{category}_{summary['run_name']}.txt",
+                         f"generation_mmlu_{category}_{summary['run_name']}.jsonl"):
+                if not (source / name).is_file():
+                    raise SubmissionError(f"--eval-results {source}: {name} is missing")
+                shutil.copy2(source / name, out / name)
+        shutil.copy2(source / "results.json", out / "results.json")
+        return Evaluation(summary, f"reused the evaluation in {source} (same adapter SHA-256 and base)", command)
+    evaluate_mmlu(base, str(peft), LEADERBOARD_CATEGORIES, args["data"], 4, args["batch_size"], args["device"],
+                  None, out, run_name, show_progress=args.get("show_progress", True))
+    return Evaluation(json.loads((out / "results.json").read_text()), "ran now", command)
+
+
+def training_command(run: RunRecord, defaults: dict[str, Any]) -> str:
+    """The `flwr run` line that reproduces the run: every key that differs from the app's defaults."""
+    rc = (run.config.get("run") or {}).get("run_config") or {}
+    changed = {k: v for k, v in rc.items() if k not in BOOKKEEPING_KEYS and defaults.get(k) != v}
+    nodes = run.num_nodes or LEADERBOARD_NUM_SUPERNODES
+    line = f'flwr run . --stream --federation-config "num-supernodes={nodes}"'
+    return line + (f' --run-config "{run_config_arg(changed)}"' if changed else "")
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+def readme(run: RunRecord, ev: Evaluation, defaults: dict[str, Any], violations: list[str], peft_name: str) -> str:
+    """The entry's README: results table in the seed's format, cost, memory, settings, commands, diagnostics."""
+    s = ev.summary
+    cats = s["categories"]
+    rc = (run.config.get("run") or {}).get("run_config") or {}
+    dataset = rc.get("static.dataset.name", run.config.get("dataset_name", ""))
+    questions = {c: cats[c]["total"] for c in LEADERBOARD_CATEGORIES}
+    full = all(questions[c] == FULL_TEST_COUNTS[c] for c in LEADERBOARD_CATEGORIES)
+    method = "DoRA" if rc.get("model.lora.use-dora") else "LoRA"
+    lines = [f"# FlowerTune LLM, General NLP: {Path(run.base_model).name} + federated {method}", ""]
+    if violations:
+        lines += ["> **Not eligible for the leaderboard** (built with `--allow-rule-violations`):", ">"]
+        lines += [f"> - {v}" for v in violations] + [""]
+    if not full:
+        lines += [f"> Evaluated on {sum(questions.values())} questions, not the full MMLU test split "
+                  f"({sum(FULL_TEST_COUNTS[c] for c in LEADERBOARD_CATEGORIES)}): not a leaderboard figure.", ""]
+    lines += [
+        "## Method", "",
+        f"{method} adapters (r={rc.get('model.lora.peft-lora-r')}, alpha={rc.get('model.lora.peft-lora-alpha')}, "
+        f"dropout={rc.get('model.lora.peft-lora-dropout')}) on `{run.base_model}` loaded in "
+        f"{rc.get('model.quantization')}-bit, trained with TRL's SFTTrainer on {run.num_nodes} Flower SuperNodes "
+        f"(IID partitions of the dataset), strategy `{rc.get('strategy.name')}` with "
+        f"{rc.get('strategy.fraction-train')} of the nodes per round, {run.num_rounds} rounds, prompt template "
+        f"`{rc.get('train.prompt-template', 'alpaca')}`; built with flowertune-llm.", "",
+        "## Results (MMLU test split, official protocol, 4-bit)", "",
+        "| Model | Rounds | STEM | Social Sciences | Humanities | Average |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| {Path(run.base_model).name} + {peft_name} | {run.num_rounds} | {_pct(cats['stem']['accuracy'])} | "
+        f"{_pct(cats['social_sciences']['accuracy'])} | {_pct(cats['humanities']['accuracy'])} | {_pct(s['average'])} |",
+        "",
+        f"Questions: STEM {questions['stem']}, social sciences {questions['social_sciences']}, humanities "
+        f"{questions['humanities']}. Evaluation: {ev.source}; files in `evaluation/` "
+        "(`acc_mmlu_<category>_<run>.txt`, `generation_mmlu_<category>_<run>.jsonl`).", "",
+        f"**Communication cost:** {run.comm_total_mb or 0:.2f} MB (adapter payload sent and received over "
+        f"{run.rounds_done} rounds, MB = 1024² bytes; `comm_cost.txt`).", "",
+        "**Memory per client:** " + (f"{run.peak_mem_mb:,.0f} MB peak (largest client, largest round; "
+                                     "GPU: allocated; CPU: resident set)" if run.peak_mem_mb else "not recorded by this run"),
+        "",
+        "## Training settings", "",
+        "| setting | value |", "| --- | --- |",
+    ]
+    for key in ("num-server-rounds", "model.name", "model.quantization", "model.lora.peft-lora-r",
+                "model.lora.peft-lora-alpha", "model.lora.use-dora", "train.learning-rate-max", "train.learning-rate-min",
+                "train.seq-length", "train.prompt-template", "train.training-arguments.per-device-train-batch-size",
+                "train.training-arguments.max-steps", "strategy.name", "strategy.fraction-train", "comm.dtype"):
+        if key in rc:
+            lines.append(f"| `{key}` | {rc[key]} |")
+    note = {SEED_DATASET: "the seed reference submission's dataset id",
+            TEMPLATE_DATASET: "the id Flower's current FlowerTune template names"}.get(dataset, "not a leaderboard dataset")
+    lines += [
+        "", f"**Dataset:** `{dataset}` ({note}; the seed trained on `{SEED_DATASET}`, Flower's current template names "
+        f"`{TEMPLATE_DATASET}`).", "",
+        "## Commands", "", "Training:", "", "```bash", training_command(run, defaults), "```", "",
+        "Evaluation:", "", "```bash", ev.command, "```", "",
+        f"Evaluation hardware: {s.get('hardware', 'not recorded')}.", "",
+        "## Diagnostics (not leaderboard figures)", "",
+        "Valid letters = share of answers the protocol's parser reads as a-d; letter ceiling = accuracy of the "
+        "most likely of the four option letters. They separate answer format from knowledge.", "",
+        "| category | valid letters % | letter ceiling % |", "| --- | --- | --- |",
+    ]
+    diag = s.get("diagnostics", {}).get("categories", {})
+    for c in LEADERBOARD_CATEGORIES:
+        if c in diag:
+            lines.append(f"| {c} | {_pct(diag[c]['valid_letter_rate'])} | {_pct(diag[c]['letter_ceiling'])} |")
+    lines += ["", "## Files", "", f"`{peft_name}/` (the final PEFT adapter: `PeftModel.from_pretrained(base, "
+              f"\"{peft_name}\")`), `evaluation/`, `results.json`, `comm_cost.txt`, `config.json`, `metrics.jsonl`, "
+              "`loss.png`; checksums in `SHA256SUMS` (`sha256sum -c SHA256SUMS`).", ""]
+    return "\n".join(lines)
+
+
+def _sha256sums(folder: Path) -> str:
+    lines = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        lines.append(f"{digest}  {path.relative_to(folder).as_posix()}")
+    return "\n".join(lines) + "\n"
+
+
+def build_submission(
+    run_dir: Path,
+    out: Path,
+    app: Path = Path("."),
+    data: str = "cais/mmlu",
+    batch_size: int = 16,
+    device: str | None = None,
+    eval_results: Path | None = None,
+    allow_rule_violations: bool = False,
+    run_name: str | None = None,
+    show_progress: bool = True,
+) -> tuple[Path, list[str], Evaluation]:
+    """Check the rules, evaluate (or reuse), write `out` complete or not at all; (out, violations, evaluation)."""
+    run = read_run(Path(run_dir))
+    defaults = app_config(Path(app))
+    violations = rule_violations(run, defaults)
+    if violations and not allow_rule_violations:
+        raise SubmissionError("\n".join(violations))
+    peft = run.final_checkpoint
+    if peft is None:  # even with --allow-rule-violations: nothing to publish
+        raise SubmissionError(f"{run.path}: no complete checkpoint peft_{run.num_rounds} to publish")
+    out = Path(out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise SubmissionError(f"--out {out}: exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copytree(peft, tmp / peft.name)
+        args = {"data": data, "batch_size": batch_size, "device": device, "eval_results": eval_results,
+                "run_name": run_name or run.name, "show_progress": show_progress}
+        ev = _evaluate(run, peft, tmp / "evaluation", args)
+        shutil.copy2(tmp / "evaluation" / "results.json", tmp / "results.json")
+        comm = run.comm_total_mb or 0.0
+        (tmp / "comm_cost.txt").write_text(
+            f"Communication cost: {comm:.2f} MB (adapter payload, sent + received, {run.rounds_done} rounds, "
+            f"MB = 1024^2 bytes)\nWith key strings: {run.comm_total_with_keys_mb or 0.0:.2f} MB\n")
+        for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE):
+            if (run.path / name).is_file():
+                shutil.copy2(run.path / name, tmp / name)
+        (tmp / "README.md").write_text(readme(run, ev, defaults, violations, peft.name))
+        (tmp / "SHA256SUMS").write_text(_sha256sums(tmp))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, violations, ev
