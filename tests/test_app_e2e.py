@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import subprocess
 from collections.abc import Iterator
@@ -67,50 +66,6 @@ def run_status(env: dict[str, str], connection: str, log: str) -> dict:
     return run
 
 
-def test_flwr_run_trains_two_clients_per_round_and_saves_a_loadable_checkpoint(
-    tmp_path: Path, tiny_llama_dir: Path
-) -> None:
-    overrides = tiny_overrides(
-        tiny_llama_dir, **{"model.quantization": 4, "num-server-rounds": 2, "train.output-dir": str(tmp_path / "results")}
-    )
-    with simulation_superlink(tmp_path) as (env, connection):
-        log = flwr_run_on(env, connection, overrides)
-        assert run_status(env, connection, log)["status"] == "finished:completed"
-        # a bad value: one line naming key and value, no traceback, and a failed run in `flwr ls`
-        bad = flwr_run_on(env, connection, {**overrides, "model.quantization": 16})
-        status = run_status(env, connection, bad)
-    message = "model.quantization=16: expected 4, 8, or none (0)"
-    assert status["status"] == "finished:failed" and message in status["status-details"], status
-    lines = [line for line in bad.splitlines() if message in line]
-    assert len(lines) == 1 and lines[0].endswith(f"Run stopped: {message}"), bad[-3000:]
-    assert "Traceback" not in bad and "Exit Code: 700 (run failed; see the line above)" in bad, bad[-3000:]
-    assert len(list((tmp_path / "results").iterdir())) == 1  # the failed run wrote nothing
-    assert "(2 of 20 nodes)" in log, log[-3000:]
-    rounds = round_lines(log)
-    assert [(r, c, f) for r, c, f, _ in rounds] == [("1", "2", "0"), ("2", "2", "0")], log[-3000:]
-    assert all(math.isfinite(float(loss)) for *_, loss in rounds)
-
-    checkpoints = list((tmp_path / "results").glob("*/peft_2"))
-    assert len(checkpoints) == 1, log[-3000:]
-    run_dir = checkpoints[0].parent
-    metrics = read_metrics(run_dir)
-    assert [(m["server_round"], m["replies"], m["failures"]) for m in metrics] == [(1, 2, 0), (2, 2, 0)]
-    assert all(len(m["client_losses"]) == 2 and m["mb_total"] > 0 for m in metrics)
-    # memory per client, measured each round; a simulated ClientApp given 0 GPUs sees none (Ray sets
-    # CUDA_VISIBLE_DEVICES="" in its worker: visible_gpus 0, where -1 would mean "unset, every GPU visible")
-    clients = [c for m in metrics for c in m["client_losses"]]
-    assert all(c["peak_mem_mb"] > 0 and c["gpu"] == -1 and c["visible_gpus"] == 0 for c in clients), clients
-    assert all(m["peak_mem_mb"] == max(c["peak_mem_mb"] for c in m["client_losses"]) for m in metrics)
-    assert "peak memory per client" in log and re.search(r"Done: .*peak memory per client [\d,]+ MB", log), log[-2000:]
-    assert (run_dir / "config.json").is_file() and (run_dir / "loss.png").is_file()
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    trained = adapter_state(PeftModel.from_pretrained(base, str(checkpoints[0])))
-    cfg = parse_config(tiny_run_config(tiny_llama_dir))
-    start, _ = initial_adapter(cfg.model, cfg.train.seed)
-    assert set(trained) == set(start)
-    assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-4
-
-
 def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
     tmp_path: Path, smollm2_gguf: Path, smollm2_model_dir: Path
 ) -> None:
@@ -159,10 +114,11 @@ def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
 
 
 def comparable(metrics: dict) -> dict:
-    """A metrics line without what differs between runs by nature (timing, node ids)."""
-    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "val_eval_s")}
+    """A metrics line without what differs between runs by nature (timing, node ids, memory use)."""
+    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "val_eval_s", "peak_mem_mb")}
     out["client_losses"] = sorted(
-        ({k: v for k, v in c.items() if k != "node"} for c in metrics.get("client_losses", [])),
+        ({k: v for k, v in c.items() if k not in ("node", "peak_mem_mb", "peak_reserved_mb")}
+         for c in metrics.get("client_losses", [])),
         key=lambda c: c["partition"],
     )
     return out
@@ -238,21 +194,32 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
     assert [comparable(m) for m in cut_m[3:]] == [comparable(m) for m in full_m[3:]]
 
 
+def flwr_log(env: dict[str, str], connection: str, run_id: str) -> str:
+    """`flwr log <run-id> --show`: a finished run's whole log."""
+    proc = subprocess.run([str(BIN / "flwr"), "log", run_id, connection, "--show"], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    return proc.stdout + proc.stderr
+
+
 def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_lists_all(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
-    """2 x 2 points (learning rate x template) of 1-round runs; one point's dataset path passes the offline
-    check but does not exist, so its run fails at start. The sweep goes on, exits 1, and `runs` lists all four."""
+    """2 x 2 points (learning rate x template) of 1-round runs of the real app, 20 simulated SuperNodes, 2 clients
+    per round, tiny 4-bit Llama. One point's dataset path passes the offline check but does not exist, so its run
+    fails at start: the sweep reports it, goes on, exits 1, and `runs` lists all four. The completed runs also
+    show what every `flwr run` must (round lines, memory per client, a loadable checkpoint that moved), and the
+    failed one how a bad input ends a run (one line naming key and value, no traceback, finished:failed)."""
     results = tmp_path / "results"
     fixed = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 1, "train.training-arguments.max-steps": 1,
-                                              "strategy.fraction-train": 0.05, "train.output-dir": str(results)})
+                                              "train.output-dir": str(results)})
+    missing = tmp_path / "no-such-alpaca.jsonl"
     points = tmp_path / "points.toml"
     points.write_text(
         '[[point]]\n"train.learning-rate-max" = 0.01\n"train.prompt-template" = "alpaca"\n\n'
         '[[point]]\n"train.learning-rate-max" = 0.01\n"train.prompt-template" = "qa"\n\n'
         '[[point]]\n"train.learning-rate-max" = 0.001\n"train.prompt-template" = "alpaca"\n\n'
         '[[point]]\n"train.learning-rate-max" = 0.001\n"train.prompt-template" = "qa"\n'
-        f'"static.dataset.name" = "{tmp_path / "no-such-alpaca.jsonl"}"\n'
+        f'"static.dataset.name" = "{missing}"\n'
     )
     with simulation_superlink(tmp_path) as (env, connection):
         proc = subprocess.run(
@@ -261,11 +228,27 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
              "--federation-config", "num-supernodes=20 client-resources-num-cpus=1"],
             env=env, capture_output=True, text=True, timeout=900, check=False,
         )
-    out = proc.stdout + proc.stderr
+        out = proc.stdout + proc.stderr
+        run_ids = re.findall(r"\] (.+?): run (\d+) started", proc.stdout)
+        first_log = flwr_log(env, connection, run_ids[0][1])
+        failed_log = flwr_log(env, connection, run_ids[3][1])
+        failed_status = run_status(env, connection, f"Successfully started run {run_ids[3][1]}")
     assert proc.returncode == 1, out[-3000:]
     progress = proc.stdout  # one line per point on stdout; the failures are repeated on stderr at the end
     assert progress.count(": finished:completed") == 3 and progress.count(": finished:failed") == 1, out[-3000:]
-    assert "no-such-alpaca.jsonl" in out  # the failed point's reason, from Flower's run status
+    message = f"static.dataset.name={str(missing)!r}: local path {missing} does not exist"
+    assert message in progress  # the failed point's reason, from Flower's run status
+
+    # the failed run: one line naming key and value, no traceback, finished:failed; nothing of it but the record
+    assert failed_status["status"] == "finished:failed" and message in failed_status["status-details"]
+    lines = [line for line in failed_log.splitlines() if message in line]
+    assert len(lines) == 1 and lines[0].endswith(f"Run stopped: {message}"), failed_log[-3000:]
+    assert "Traceback" not in failed_log and "(run failed; see the line above)" in failed_log, failed_log[-3000:]
+
+    # a completed run, as any `flwr run` of the app: 2 of 20 nodes trained, memory per client, Done line
+    assert "(2 of 20 nodes)" in first_log and round_lines(first_log)[0][1:3] == ("2", "0"), first_log[-3000:]
+    assert re.search(r"Done: .*peak memory per client [\d,]+ MB", first_log), first_log[-2000:]
+
     listed = subprocess.run([str(BIN / "flowertune-llm"), "runs", str(results), "--format", "json"],
                             capture_output=True, text=True, check=True).stdout
     rows = json.loads(listed)
@@ -273,6 +256,27 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
     assert {"static.dataset.name", "train.learning-rate-max", "train.prompt-template"} <= set(rows[0]), rows[0]
     assert {(r["train.learning-rate-max"], r["train.prompt-template"]) for r in rows} == {
         (0.01, "alpaca"), (0.01, "qa"), (0.001, "alpaca"), (0.001, "qa")}
-    configs = [json.loads(p.read_text()) for p in results.glob("*/config.json")]
+    run_dirs = [Path(r["run"]) for r in rows]
+    configs = [json.loads((d / "config.json").read_text()) for d in run_dirs]
     assert all(c["run"]["run_config"]["sweep.name"] == "e2e" for c in configs)
-    assert all(c["run"]["num_nodes"] == 20 for c in configs if "num_nodes" in c["run"])
+    failed_dir = next(d for d, r in zip(run_dirs, rows) if r["status"] == "failed")
+    assert sorted(p.name for p in failed_dir.iterdir()) == ["config.json", "status.json"]
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    for run_dir, config in zip(run_dirs, configs):
+        if run_dir == failed_dir:
+            continue
+        assert config["run"]["num_nodes"] == 20
+        (metrics,) = read_metrics(run_dir)
+        assert (metrics["replies"], metrics["failures"], len(metrics["client_losses"])) == (2, 0, 2)
+        # memory per client, measured each round; a simulated ClientApp given 0 GPUs sees none (Ray sets
+        # CUDA_VISIBLE_DEVICES="" in its worker: visible_gpus 0, where -1 would mean "unset, every GPU visible")
+        clients = metrics["client_losses"]
+        assert all(c["peak_mem_mb"] > 0 and c["gpu"] == -1 and c["visible_gpus"] == 0 for c in clients), clients
+        assert metrics["peak_mem_mb"] == max(c["peak_mem_mb"] for c in clients) and metrics["mb_total"] > 0
+        assert (run_dir / "loss.png").is_file()
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        trained = adapter_state(PeftModel.from_pretrained(base, str(run_dir / "peft_1")))
+        assert set(trained) == set(start)
+        assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-4
