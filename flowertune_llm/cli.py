@@ -132,9 +132,9 @@ def _submission(args: argparse.Namespace) -> int:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-    avg = ev.summary.get("average")
+    avg, questions = ev.summary.get("average"), ev.summary.get("questions")
     print(f"{out}: {'NOT ELIGIBLE (' + str(len(violations)) + ' rule violations), ' if violations else ''}"
-          f"average {100 * avg:.2f} on the MMLU test split; evaluation {ev.source}")
+          f"average {100 * avg:.2f} on {questions} MMLU test questions; evaluation {ev.source}")
     return 0
 
 

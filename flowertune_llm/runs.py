@@ -267,6 +267,7 @@ def plot_runs(runs: list[RunRecord], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = differing_keys(runs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -278,7 +279,9 @@ def plot_runs(runs: list[RunRecord], path: Path) -> Path:
         right.plot([m["server_round"] for m in trained], [m["train_loss"] for m in trained], marker=".", label=label)
     left.set_title("validation MMLU average (protocol, %)", fontsize=10)
     right.set_title("train loss", fontsize=10)
+    left.set_ylim(0, 100)
     for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
