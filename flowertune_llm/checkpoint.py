@@ -39,7 +39,7 @@ RESUME_MAY_CHANGE = {
     "eval.allow_inexact_batching",
 }
 #: Training keys added after checkpoints already existed, with the value older checkpoints trained with.
-ADDED_LATER = {"train.prompt_template": "alpaca"}
+ADDED_LATER = {"train.prompt_template": "alpaca", "train.mcq_fraction": 0.5}
 
 
 def checkpoint_rounds(num_rounds: int, every: int) -> list[int]:

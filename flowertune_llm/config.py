@@ -69,7 +69,8 @@ class TrainSettings:
     seed: int
     output_dir: str
     resume_from: str  # "" = fresh run; else a peft_<N> folder or a run folder
-    prompt_template: str  # "alpaca", "chat" or "qa" (see prompts.py)
+    prompt_template: str  # "alpaca", "chat", "qa" or "mcq" (see prompts.py)
+    mcq_fraction: float  # mcq: share of rows turned into multiple-choice questions
     release_memory: bool  # CPU: glibc returns large freed buffers at once (train.release_memory_to_os)
     training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
 
@@ -285,9 +286,12 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
         output_dir=_as_str(run_config, "train.output-dir"),
         resume_from=_as_str(run_config, "train.resume-from", allow_empty=True),
         prompt_template=_choice(run_config, "train.prompt-template", PROMPT_TEMPLATES),
+        mcq_fraction=_as_float(run_config, "train.mcq-fraction"),
         release_memory=_as_bool(run_config, "train.release-memory"),
         training_arguments=_training_arguments(run_config),
     )
+    if not 0.0 <= train.mcq_fraction <= 1.0:
+        raise ConfigError(f"train.mcq-fraction={train.mcq_fraction!r}: must be in [0, 1]")
     if not 0.0 <= train.learning_rate_min <= train.learning_rate_max:
         raise ConfigError(
             f"train.learning-rate-min={train.learning_rate_min!r}: must be in "

@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from flowertune_llm.config import ConfigError
 from flowertune_llm.hub import require_hub_or_cache
-from flowertune_llm.prompts import to_prompt_completion
+from flowertune_llm.prompts import mcq_examples, to_prompt_completion
 
 REQUIRED_COLUMNS = ("instruction", "input", "output")
 DATASET_KEY = "static.dataset.name"
@@ -106,9 +106,38 @@ def validate_dataset(name: str) -> int:
 
 @lru_cache(maxsize=8)
 def load_partition(
-    name: str, partition_id: int, num_partitions: int, seed: int, template: str = "alpaca"
+    name: str, partition_id: int, num_partitions: int, seed: int, template: str = "alpaca",
+    mcq_fraction: float = 0.0, tokenizer_name: str = "", seq_length: int = 512,
 ) -> Dataset:
-    """One client's IID share in prompt-completion form for a prompt template (cached per process)."""
+    """One client's IID share in prompt-completion form for a prompt template (cached per process).
+
+    ``mcq`` also needs the share of multiple-choice rows and the tokenizer and sequence length
+    the examples must fit (`prompts.mcq_examples`).
+    """
     partition = federated_dataset(name, num_partitions, seed).load_partition(partition_id, "train")
     check_columns(partition, name)
-    return partition.map(partial(to_prompt_completion, template=template), remove_columns=partition.column_names)
+    if template != "mcq":
+        return partition.map(partial(to_prompt_completion, template=template), remove_columns=partition.column_names)
+    if not tokenizer_name:
+        raise ValueError("the mcq template needs the model's tokenizer to fit train.seq-length")
+    fits, shorten = token_budget(tokenizer_name, seq_length)
+    rows = partition.select_columns(list(REQUIRED_COLUMNS)).to_list()
+    return Dataset.from_list(mcq_examples(rows, seed, partition_id, mcq_fraction, fits, shorten))
+
+
+def token_budget(tokenizer_name: str, seq_length: int):  # -> (fits, shorten)
+    """Whether a prompt + completion (+ the end token TRL adds) fits `seq_length` tokens, and a token-wise cut."""
+    from transformers import AutoTokenizer
+
+    from flowertune_llm.gguf import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
+
+    def fits(prompt: str, completion: str) -> bool:
+        return len(tokenizer(prompt + completion).input_ids) + 1 <= seq_length
+
+    def shorten(text: str, tokens: int) -> str:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return text if len(ids) <= tokens else tokenizer.decode(ids[:tokens]).rstrip() + " ..."
+
+    return fits, shorten

@@ -269,6 +269,15 @@ def score_label_positions_only() -> None:
     trl_utils._use_triton = compact_on_cpu
 
 
+def partition_for(cfg: Config, partition_id: int, num_partitions: int) -> Dataset:
+    """This run's prompt-completion rows of one partition (the template's own, cached per process)."""
+    mcq = cfg.train.prompt_template == "mcq"
+    return load_partition(
+        cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.train.prompt_template,
+        cfg.train.mcq_fraction if mcq else 0.0, cfg.model.name if mcq else "", cfg.train.seq_length if mcq else 512,
+    )
+
+
 def train_one_round(
     cfg: Config,
     global_state: AdapterState,
@@ -288,10 +297,10 @@ def train_one_round(
     if cfg.train.release_memory and device == "cpu":
         release_memory_to_os()
     key = (cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.model.name, cfg.train.seq_length,
-           cfg.train.prompt_template)
+           cfg.train.prompt_template, cfg.train.mcq_fraction)
     dataset = tokenized.get(key) if tokenized is not None else None
     if dataset is None:
-        dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.train.prompt_template)
+        dataset = partition_for(cfg, partition_id, num_partitions)
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as tmp, RoundMemory(device) as memory:
         trainer = make_trainer(
             cfg, global_state, dataset, lr, tmp, models=models, callbacks=callbacks, proximal_mu=proximal_mu
@@ -313,7 +322,7 @@ def evaluate_adapter(
     cfg: Config, global_state: AdapterState, partition_id: int, num_partitions: int
 ) -> tuple[float, int]:
     """Mean completion loss of the global adapter on (up to 64 rows of) one partition."""
-    dataset = load_partition(cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.train.prompt_template)
+    dataset = partition_for(cfg, partition_id, num_partitions)
     dataset = dataset.select(range(min(64, len(dataset))))
     with tempfile.TemporaryDirectory(prefix="flowertune-eval-") as tmp:
         trainer = make_trainer(cfg, global_state, dataset, 0.0, tmp, eval_dataset=dataset, models=MODELS)

@@ -27,7 +27,7 @@ def test_prompt_keeps_non_empty_input() -> None:
     assert "### Input" not in to_prompt_completion({**row, "input": "  "})["prompt"]
 
 
-@pytest.mark.parametrize("template", PROMPT_TEMPLATES)
+@pytest.mark.parametrize("template", [t for t in PROMPT_TEMPLATES if t != "mcq"])  # mcq: its own test below
 def test_loss_mask_counts_response_and_end_token_only(template: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
     from datasets import Dataset
 
@@ -106,3 +106,92 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
 
 def test_hub_id_is_not_mistaken_for_a_path() -> None:
     assert resolve_source("vicgalle/alpaca-gpt4").load_kwargs() == {"dataset": "vicgalle/alpaca-gpt4"}
+
+
+# --- the mcq template -----------------------------------------------------------------------------
+
+
+def _mcq_rows(tiny_llama_dir: Path, seq_length: int = 512, fraction: float = 1.0, partitions: int = 20):
+    return load_partition(str(ALPACA_SUBSET), 0, partitions, 42, "mcq", fraction, str(tiny_llama_dir), seq_length)
+
+
+def test_an_mcq_example_is_the_protocols_question_with_the_gold_letter_and_the_loss_on_letter_and_end_token(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    from flowertune_llm.evaluate.protocol import build_prompt as protocol_prompt
+    from flowertune_llm.models import initial_adapter
+    from flowertune_llm.prompts import one_line, user_text
+    from flowertune_llm.train import make_trainer
+
+    originals = federated_dataset(str(ALPACA_SUBSET), 20, 42).load_partition(0, "train").to_list()
+    rows = _mcq_rows(tiny_llama_dir).to_list()
+    assert len(rows) == len(originals)
+    i, example = next((i, r) for i, r in enumerate(rows)  # a question whose options were not cut to fit
+                      if r["completion"] in ("A", "B", "C", "D") and " ..." not in r["prompt"])
+    gold = "ABCD".index(example["completion"])
+    options = example["prompt"].split("\nOptions:\n", 1)[1].split("\nThe answer is:", 1)[0].split("\n")
+    options = [o[3:] for o in options]  # "A. text"
+    assert [o[:3] for o in example["prompt"].split("\nOptions:\n", 1)[1].split("\n")[:4]] == ["A. ", "B. ", "C. ", "D. "]
+    assert options[gold] == one_line(originals[i]["output"])  # the row's own answer at the gold letter
+    others = {one_line(o["output"]) for j, o in enumerate(originals) if j != i}
+    assert all(o in others for k, o in enumerate(options) if k != gold)  # distractors: this partition's outputs
+    question = user_text(originals[i]["instruction"], originals[i]["input"])
+    assert example["prompt"] == protocol_prompt(question, options)  # the evaluation's own builder
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"train.prompt-template": "mcq", "train.seq-length": 512}))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    trainer = make_trainer(cfg, start, _mcq_rows(tiny_llama_dir).select([i]), 1e-3, str(tmp_path))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    tok = trainer.processing_class
+    counted = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+    assert counted == example["completion"] + "<|im_end|>"  # the loss: the letter and the end token only
+    assert tok.decode([t for t, lab in zip(ids, labels) if lab == -100]) == example["prompt"]
+
+
+def test_mcq_examples_are_the_same_from_two_calls_and_in_a_new_process(tiny_llama_dir: Path) -> None:
+    """A resumed run rebuilds its partitions in a fresh process: the same examples in the same order."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from flowertune_llm.dataset import token_budget
+    from flowertune_llm.prompts import mcq_examples
+    from tests.conftest import ROOT
+
+    rows = federated_dataset(str(ALPACA_SUBSET), 20, 42).load_partition(3, "train").to_list()
+    fits, shorten = token_budget(str(tiny_llama_dir), 256)
+    first = mcq_examples(rows, 42, 3, 0.5, fits, shorten)
+    assert mcq_examples(rows, 42, 3, 0.5, fits, shorten) == first
+    assert 0 < sum(e["completion"] in ("A", "B", "C", "D") for e in first) < len(first)  # a mix of mcq and qa
+    assert mcq_examples(rows, 43, 3, 0.5, fits, shorten) != first  # the seed matters
+    code = ("import hashlib, json, sys; from flowertune_llm.dataset import load_partition; "
+            f"d = load_partition({str(ALPACA_SUBSET)!r}, 3, 20, 42, 'mcq', 0.5, {str(tiny_llama_dir)!r}, 256); "
+            "print(hashlib.sha256(json.dumps(d.to_list()).encode()).hexdigest())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == hashlib.sha256(json.dumps(first).encode()).hexdigest()
+
+
+def test_gold_letters_are_uniform_within_sampling_noise(tiny_llama_dir: Path) -> None:
+    from collections import Counter
+
+    examples = _mcq_rows(tiny_llama_dir, partitions=1).to_list()  # all 985 rows, every one a question if it fits
+    letters = Counter(e["completion"] for e in examples if e["completion"] in ("A", "B", "C", "D"))
+    n = sum(letters.values())
+    assert n > 900
+    chi2 = sum((letters[k] - n / 4) ** 2 / (n / 4) for k in "ABCD")
+    assert chi2 < 11.34, letters  # chi-square, 3 degrees of freedom, p = 0.01
+
+
+def test_an_over_long_row_stays_in_qa_form_and_long_options_are_cut_not_the_question(tiny_llama_dir: Path) -> None:
+    from flowertune_llm.dataset import token_budget
+    from flowertune_llm.prompts import mcq_examples
+
+    rows = [{"instruction": f"Question number {k}?", "input": "", "output": f"answer {k} " + "word " * 200}
+            for k in range(6)]
+    rows.append({"instruction": "Explain " + "very " * 300 + "much.", "input": "", "output": "short"})
+    fits, shorten = token_budget(str(tiny_llama_dir), 96)
+    examples = mcq_examples(rows, 0, 0, 1.0, fits, shorten)
+    assert examples[-1] == to_prompt_completion(rows[-1], "qa")  # the question alone does not fit: qa, no crash
+    cut = examples[0]
+    assert cut["completion"] in ("A", "B", "C", "D") and fits(cut["prompt"], cut["completion"])
+    assert "Question: Question number 0?" in cut["prompt"] and " ..." in cut["prompt"]  # options cut, question whole

@@ -51,7 +51,8 @@ class Validator:
         result = self.scorer.score(
             state, self.questions, self.settings.batch_size, self.settings.allow_inexact_batching
         )
-        predicted = [c.diagnostics()["predicted_letters"] for c in result.categories.values()]
+        diagnostics = {name: c.diagnostics() for name, c in result.categories.items()}
+        predicted = [d["predicted_letters"] for d in diagnostics.values()]
         metrics: dict[str, Any] = {
             f"val_mmlu_{name}": cat.accuracy for name, cat in result.categories.items()
         }
@@ -62,6 +63,10 @@ class Validator:
             val_questions=sum(c.total for c in result.categories.values()),
             val_predicted_letters={  # mean share over the three categories (diagnostic)
                 k: sum(d[k] for d in predicted) / len(predicted) for k in ("a", "b", "c", "d", "other")
+            },
+            val_by_category={  # per category: valid letters, predicted and gold letter shares (diagnostic)
+                name: {k: d[k] for k in ("valid_letter_rate", "letter_ceiling", "predicted_letters", "gold_letters")}
+                for name, d in diagnostics.items()
             },
             val_batching=result.batching.mode if result.batching else "",
             val_eval_s=round(time.perf_counter() - start, 3),

