@@ -94,7 +94,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from flowertune_llm.runs import format_table
     from flowertune_llm.submission import app_config
     from flowertune_llm.sweep import (
-        FlowerCli, default_sweep_name, file_points, flower_env, grid_points, run_sweep, sweep_runs,
+        FlowerCli, default_sweep_name, file_points, flower_env, grid_points, run_sweep, sweep_output_dir, sweep_runs,
     )
 
     points = grid_points(args.grid or []) + (file_points(Path(args.points)) if args.points else [])
@@ -109,8 +109,7 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"sweep {name} interrupted; `flowertune-llm sweep --name {name} ...` again skips the completed points",
               file=sys.stderr)
         return 130
-    output_dir = Path(str(fixed.get("train.output-dir") or defaults.get("train.output-dir", "results"))).expanduser()
-    runs = sweep_runs(output_dir.resolve(), name)
+    runs = sweep_runs(sweep_output_dir(fixed, defaults), name)
     if runs:
         print(format_table(runs))
     failed = [o for o in outcomes if o.status not in ("finished:completed", "skipped")]

@@ -99,7 +99,7 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as exc:
         run_log.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    run_log.set_status("complete", peak_mem_mb=strategy.peak_mem_mb)
+    run_log.set_status("complete")
     run_log.close()
     log(
         INFO,

@@ -171,9 +171,14 @@ class FlowerTuneMixin:
         self.min_replies = min_replies
         self.comm_budget_mb = comm_budget_mb
         self.rounds: dict[int, RoundLog] = {}
-        self.peak_mem_mb: float | None = None  # the largest client peak of this process's rounds
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._budget_warned = self.comm.total_with_keys_mb > comm_budget_mb
+
+    @property
+    def peak_mem_mb(self) -> float | None:
+        """The largest client peak memory of this process's rounds (None where no client reported one)."""
+        peaks = [r.peak_mem_mb for r in self.rounds.values() if r.peak_mem_mb is not None]
+        return max(peaks) if peaks else None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -240,8 +245,6 @@ class FlowerTuneMixin:
             good.append(msg)
         peaks = [c["peak_mem_mb"] for c in round_log.client_losses if "peak_mem_mb" in c]
         round_log.peak_mem_mb = max(peaks) if peaks else None
-        if peaks:
-            self.peak_mem_mb = max(self.peak_mem_mb or 0.0, max(peaks))
         round_log.replies = len(good)
         round_log.failures = len(round_log.rejected)
         round_log.comm_total = CommStats(**asdict(self.comm))

@@ -143,6 +143,11 @@ class FlowerCli:
         self._run(["stop", run_id, *self.connection], timeout=60)
 
 
+def sweep_output_dir(fixed: dict[str, Any], defaults: dict[str, Any]) -> Path:
+    """Where the sweep's runs write: `train.output-dir` (fixed value, else the app's default), made absolute here."""
+    return Path(str(fixed.get("train.output-dir") or defaults.get("train.output-dir", "results"))).expanduser().resolve()
+
+
 def sweep_runs(output_dir: Path, name: str) -> list[RunRecord]:
     """The run folders of this sweep under `output_dir`."""
     if not output_dir.is_dir():
@@ -184,8 +189,7 @@ def run_sweep(
     say: Callable[[str], None] = print,
 ) -> list[Outcome]:
     """Check every point, then run them one after another; Ctrl-C stops the running one with `flwr stop`."""
-    output_dir = Path(str(fixed.get("train.output-dir") or defaults.get("train.output-dir", "results"))).expanduser()
-    output_dir = output_dir.resolve()
+    output_dir = sweep_output_dir(fixed, defaults)
     fixed = {**fixed, "train.output-dir": str(output_dir), "sweep.name": name}
     check_points(points, fixed, defaults)  # before anything runs
     done = {r.sweep[1] for r in sweep_runs(output_dir, name) if r.status == "complete"}

@@ -70,24 +70,19 @@ def smollm2_tokenizer_dir(smollm2_gguf: Path) -> Path:
     return import_gguf(smollm2_gguf, tokenizer_only=True)
 
 
-def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int = 0) -> Path:
-    """Save a small random LlamaForCausalLM with SmolLM2's tokenizer and special tokens."""
+#: The tests' tiny Llama: 2 layers, hidden 64 (seconds per round on CPU).
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, shape: dict[str, Any] = TINY_LLAMA, seed: int = 0) -> Path:
+    """Save a random LlamaForCausalLM of this shape (default: tiny) with SmolLM2's tokenizer and special tokens."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **shape)
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)

@@ -40,24 +40,6 @@ from typing import Any
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                     tie_word_embeddings=True)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            tie_word_embeddings=True)
-
-
-def random_model(out: Path, tokenizer_dir: Path, shape: dict[str, Any]) -> Path:
-    """A LlamaForCausalLM with this shape, random weights, and SmolLM2's tokenizer, saved to `out`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **shape)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def run_config(model: Path, alpaca: Path, **overrides: Any) -> dict[str, Any]:
     """The app's defaults for this model and data, plus overrides."""
     from tests.conftest import default_run_config
@@ -248,7 +230,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the five checks and print the table; exit 1 if any failed."""
-    from tests.conftest import ALPACA_SUBSET, MMLU_VAL
+    from tests.conftest import ALPACA_SUBSET, MMLU_VAL, TINY_LLAMA, make_tiny_llama
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if present")
@@ -280,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 
                 tokenizer = import_gguf(fetch_smollm2_gguf(), tokenizer_only=True)
-            model_dir = random_model(tmp_path / "model", tokenizer, TINY if small else SMOLLM2_135M)
+            model_dir = make_tiny_llama(tmp_path / "model", tokenizer, TINY_LLAMA if small else SMOLLM2_135M)
         else:
             model_dir = args.model
         from flowertune_llm.config import parse_config
