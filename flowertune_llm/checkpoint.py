@@ -39,7 +39,7 @@ RESUME_MAY_CHANGE = {
     "eval.allow_inexact_batching",
 }
 #: Training keys added after checkpoints already existed, with the value older checkpoints trained with.
-ADDED_LATER = {"train.prompt_template": "alpaca", "train.mcq_fraction": 0.5}
+ADDED_LATER = {"train.prompt_template": "alpaca", "train.mcq_fraction": None}
 
 
 def checkpoint_rounds(num_rounds: int, every: int) -> list[int]:
@@ -128,7 +128,10 @@ def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     """'key: saved -> now' for every training-relevant difference."""
     now = _flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
     before = {**ADDED_LATER, **_flat(saved)} if saved else {}
-    keys = sorted((set(now) | set(before)) - RESUME_MAY_CHANGE)
+    ignored = set(RESUME_MAY_CHANGE)
+    if "mcq" not in (before.get("train.prompt_template"), now.get("train.prompt_template")):
+        ignored.add("train.mcq_fraction")  # only the mcq template reads it
+    keys = sorted((set(now) | set(before)) - ignored)
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
 

@@ -114,16 +114,25 @@ def test_resume_refuses_a_config_that_changes_the_training(tmp_path: Path, tiny_
     assert resume.comm_total_bytes["received_with_keys"] == 4
 
 
-def test_checkpoints_from_before_prompt_templates_resume_as_alpaca(tmp_path: Path, tiny_llama_dir: Path) -> None:
+def test_old_checkpoints_resume_as_alpaca_and_the_fraction_counts_only_for_mcq(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from flowertune_llm.checkpoint import config_differences
 
     cfg = parse_config(tiny_run_config(tiny_llama_dir))
     old = cfg.to_dict()
-    del old["train"]["prompt_template"], old["eval"]  # written by a version without these keys
+    saved_alpaca = json.loads(json.dumps(old, default=str))
+    del old["train"]["prompt_template"], old["train"]["mcq_fraction"], old["eval"]  # a version without these keys
     old = json.loads(json.dumps(old, default=str))
     assert config_differences(old, cfg) == []
     qa = parse_config(tiny_run_config(tiny_llama_dir, **{"train.prompt-template": "qa"}))
     assert config_differences(old, qa) == ["train.prompt_template: 'alpaca' -> 'qa'"]
+    # The fraction is read by the mcq template only: another value resumes an alpaca run, never an mcq one.
+    other = parse_config(tiny_run_config(tiny_llama_dir, **{"train.mcq-fraction": 0.9}))
+    assert config_differences(saved_alpaca, other) == config_differences(old, other) == []
+    mcq = parse_config(tiny_run_config(tiny_llama_dir, **{"train.prompt-template": "mcq", "train.mcq-fraction": 0.9}))
+    assert config_differences(old, mcq) == ["train.mcq_fraction: None -> 0.9", "train.prompt_template: 'alpaca' -> 'mcq'"]
+    saved_mcq = json.loads(json.dumps(mcq.to_dict(), default=str))
+    assert config_differences(saved_mcq, parse_config(tiny_run_config(
+        tiny_llama_dir, **{"train.prompt-template": "mcq", "train.mcq-fraction": 0.5}))) == ["train.mcq_fraction: 0.9 -> 0.5"]
 
 
 def test_resume_ignores_incomplete_checkpoints(tmp_path: Path, tiny_llama_dir: Path) -> None:

