@@ -215,5 +215,6 @@ def main() -> int:
     print(table(results, args))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
