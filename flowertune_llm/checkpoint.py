@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -20,10 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from flowertune_llm.config import Config, ConfigError
 from flowertune_llm.models import AdapterState, arrays_to_state
+from flowertune_llm.rundir import ADAPTER_FILES, METADATA_FILE, checkpoint_round, is_complete, latest_checkpoint, write_folder
 
-METADATA_FILE = "flowertune_state.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", METADATA_FILE)
-_CHECKPOINT_NAME = re.compile(r"^peft_(\d+)$")
 #: Config fields that may change on resume (they do not change what is trained).
 RESUME_MAY_CHANGE = {
     "train.output_dir",
@@ -39,7 +33,7 @@ RESUME_MAY_CHANGE = {
     "eval.allow_inexact_batching",
 }
 #: Training keys added after checkpoints already existed, with the value older checkpoints trained with.
-ADDED_LATER = {"train.prompt_template": "alpaca", "train.mcq_fraction": None}
+ADDED_LATER = {"train.prompt_template": "alpaca", "train.mcq_fraction": None, "train.dynamic_data_seed": False}
 
 
 def checkpoint_rounds(num_rounds: int, every: int) -> list[int]:
@@ -50,46 +44,17 @@ def checkpoint_rounds(num_rounds: int, every: int) -> list[int]:
     return rounds
 
 
-def new_run_dir(output_dir: str | Path) -> Path:
-    """`<output_dir>/<timestamp>` (not created yet: nothing is written before the run starts)."""
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    path = Path(output_dir).expanduser().resolve() / stamp
-    suffix = 1
-    while path.exists():
-        path = path.with_name(f"{stamp}_{suffix}")
-        suffix += 1
-    return path
-
-
 def save_adapter(
     folder: Path, state: AdapterState, peft_config: LoraConfig, metadata: dict[str, Any]
 ) -> Path:
-    """Write a standard PEFT folder (+ our metadata JSON) via a temp folder and one rename."""
+    """Write a standard PEFT folder (+ our metadata JSON) whole (rundir.write_folder): an existing one is
+    replaced in one swap, so there is never a moment without a complete checkpoint."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with write_folder(folder, replace=True) as tmp:
         peft_config.save_pretrained(str(tmp))
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def is_complete(folder: Path) -> bool:
-    """A checkpoint folder with all its files (a temp folder from a crash never is)."""
-    return bool(_CHECKPOINT_NAME.match(folder.name)) and all((folder / f).is_file() for f in ADAPTER_FILES)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete `peft_<N>` with the highest N in a run folder, if any."""
-    done = [p for p in Path(run_dir).iterdir() if p.is_dir() and is_complete(p)]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
 def checkpoint_metadata(cfg: Config, server_round: int, comm_total_bytes: dict[str, int]) -> dict[str, Any]:
@@ -141,7 +106,7 @@ def load_resume(cfg: Config) -> Resume:
     path = Path(given).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"{key}={given!r}: no such folder")
-    if not _CHECKPOINT_NAME.match(path.name):
+    if checkpoint_round(path) is None:
         found = latest_checkpoint(path)
         if found is None:
             raise ConfigError(f"{key}={given!r}: no complete peft_<N> checkpoint in {path}")

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flowertune_llm.config import LEADERBOARD_NUM_SUPERNODES
+from flowertune_llm import rules
 from flowertune_llm.evaluate import cli as eval_cli
+
+if TYPE_CHECKING:
+    from flowertune_llm.config import Config
 
 
 def _federation(args: argparse.Namespace) -> int:
@@ -66,19 +70,42 @@ def _fetch(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
-    from flowertune_llm.config import check_overrides
+    from flowertune_llm.config import check_overrides, sets_training_arguments
 
     defaults = flatten_dict(get_project_config(args.app)["tool"]["flwr"]["app"].get("config", {}))
-    cfg = check_overrides(parse_config_args([args.run_config]), defaults)
+    overrides = parse_config_args([args.run_config])
+    cfg = check_overrides(overrides, defaults)
+    if sets_training_arguments(overrides):  # TRL's own checks, as every client will run them (loads TRL)
+        from flowertune_llm.train import check_training_arguments
+
+        check_training_arguments(cfg)
     print(f"ok: {len(defaults)} keys, {cfg.num_server_rounds} rounds of {cfg.model.name} "
           f"on {cfg.dataset_name} (prompt template {cfg.train.prompt_template})")
+    if cfg.is_leaderboard_dataset:
+        print(coverage_line(cfg))
     return 0
+
+
+def coverage_line(cfg: "Config") -> str:
+    """How many of the leaderboard dataset's rows a run with this config trains on, at 20 SuperNodes."""
+    from flowertune_llm.schedule import planned_coverage
+
+    covered = planned_coverage(rules.DATASET_ROWS, rules.NUM_SUPERNODES, cfg.num_server_rounds,
+                               cfg.strategy.fraction_train, cfg.train.seed, cfg.train.rows_per_round,
+                               cfg.train.dynamic_data_seed)
+    order = "a new order each round" if cfg.train.dynamic_data_seed else "the same order every round"
+    return (f"data: with {rules.NUM_SUPERNODES} SuperNodes the run trains on {covered:,} of the "
+            f"{rules.DATASET_ROWS:,} rows ({100 * covered / rules.DATASET_ROWS:.1f}%; train.dynamic-data-seed="
+            f"{str(cfg.train.dynamic_data_seed).lower()}: {order})")
 
 
 def _runs(args: argparse.Namespace) -> int:
     from flowertune_llm.runs import find_runs, format_table, plot_runs
 
-    runs = find_runs([Path(p) for p in args.results_dir or ["results"]])
+    problems: list[str] = []
+    runs = find_runs([Path(p) for p in args.results_dir or ["results"]], problems)
+    for line in problems:
+        print(f"warning: {line}", file=sys.stderr)
     if not runs:
         print(f"no run folders in {', '.join(args.results_dir or ['results'])}", file=sys.stderr)
         return 1
@@ -150,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fed = sub.add_parser("federation", help="make `flwr run .` simulate 20 SuperNodes")
-    fed.add_argument("--num-supernodes", type=int, default=LEADERBOARD_NUM_SUPERNODES)
+    fed.add_argument("--num-supernodes", type=int, default=rules.NUM_SUPERNODES)
     fed.add_argument("--num-cpus", type=int, default=4, help="CPUs per ClientApp")
     fed.add_argument("--num-gpus", type=float, default=None,
                      help="GPU share per ClientApp (e.g. 0.5); default: chosen from the GPUs found (0 without)")

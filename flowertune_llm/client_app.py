@@ -44,8 +44,10 @@ def train(msg: Message, context: Context) -> Message:
         num_partitions,
         lr=float(msg.content["config"]["lr"]),
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        server_round=int(msg.content["config"]["server-round"]),
     )
-    metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples, **result.device})
+    metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples,
+                            "rows-trained": result.rows_trained, **result.device})
     arrays = state_to_arrays(result.state, cfg.comm.dtype)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

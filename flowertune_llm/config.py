@@ -10,16 +10,11 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from flowertune_llm.prompts import PROMPT_TEMPLATES
-
-#: The datasets the FlowerTune General-NLP leaderboard trains on (same rows, two hub copies).
-LEADERBOARD_DATASETS = ("vicgalle/alpaca-gpt4", "flwrlabs/alpaca-gpt4")
-#: The number of SuperNodes the leaderboard allows.
-LEADERBOARD_NUM_SUPERNODES = 20
 
 #: SFTConfig fields this app derives from other keys; users set those keys instead.
 _OWNED_TRAINING_ARGUMENTS = {
@@ -30,6 +25,9 @@ _OWNED_TRAINING_ARGUMENTS = {
     "seed": "train.seed",
 }
 _TA_PREFIX = "train.training-arguments."
+#: Keys besides train.training-arguments.* that reach the SFTConfig a client builds (train.sft_config).
+_SFT_INPUT_KEYS = ("train.seq-length", "train.learning-rate-max", "train.seed", "train.dynamic-data-seed",
+                   "model.gradient-checkpointing")
 _QUANTIZATION_VALUES = {"4": 4, "8": 8, "0": 0, "none": 0}
 
 
@@ -71,8 +69,17 @@ class TrainSettings:
     resume_from: str  # "" = fresh run; else a peft_<N> folder or a run folder
     prompt_template: str  # "alpaca", "chat", "qa" or "mcq" (see prompts.py)
     mcq_fraction: float  # mcq: share of rows turned into multiple-choice questions
+    dynamic_data_seed: bool  # a new row order each round (schedule.row_order); False: the same order every round
     release_memory: bool  # CPU: glibc returns large freed buffers at once (train.release_memory_to_os)
     training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
+
+    def rows_per_round(self, num_rows: int) -> int:
+        """Distinct rows of a `num_rows` partition one local round trains on (transformers' defaults where unset)."""
+        from flowertune_llm.schedule import rows_per_round
+
+        args = dict(self.training_arguments)
+        return rows_per_round(num_rows, int(args.get("max_steps", -1)), int(args.get("per_device_train_batch_size", 8)),
+                              int(args.get("gradient_accumulation_steps", 1)), float(args.get("num_train_epochs", 3.0)))
 
 
 @dataclass(frozen=True)
@@ -149,8 +156,10 @@ class Config:
 
     @property
     def is_leaderboard_dataset(self) -> bool:
-        """True when the dataset is the one the leaderboard prescribes."""
-        return self.dataset_name in LEADERBOARD_DATASETS
+        """True when the dataset is the leaderboard's static one (rules.py; either hub copy of its rows)."""
+        from flowertune_llm import rules
+
+        return self.dataset_name in (rules.DATASET, rules.DATASET_BEFORE_2025_04_08)
 
     def lr(self, server_round: int) -> float:
         """The learning rate of a round, from the cosine schedule over all rounds."""
@@ -244,6 +253,16 @@ def _quantization(cfg: Mapping[str, Any]) -> int:
     return _QUANTIZATION_VALUES[text]
 
 
+def sets_training_arguments(keys: Iterable[str]) -> bool:
+    """Whether any of these run-config keys reaches the trainer's SFTConfig (then TRL's checks are worth loading)."""
+    return any(k.startswith(_TA_PREFIX) or k in _SFT_INPUT_KEYS for k in keys)
+
+
+def training_argument_key(name: str) -> str:
+    """The run-config key of an SFTConfig field (`lr_scheduler_type` -> `train.training-arguments.lr-scheduler-type`)."""
+    return f"{_TA_PREFIX}{name.replace('_', '-')}"
+
+
 def _training_arguments(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     from trl import SFTConfig  # deferred: keeps `import flowertune_llm.config` light
 
@@ -287,9 +306,16 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
         resume_from=_as_str(run_config, "train.resume-from", allow_empty=True),
         prompt_template=_choice(run_config, "train.prompt-template", PROMPT_TEMPLATES),
         mcq_fraction=_as_float(run_config, "train.mcq-fraction"),
+        dynamic_data_seed=_as_bool(run_config, "train.dynamic-data-seed"),
         release_memory=_as_bool(run_config, "train.release-memory"),
         training_arguments=_training_arguments(run_config),
     )
+    strategy_key = f"{_TA_PREFIX}train-sampling-strategy"
+    if train.dynamic_data_seed and run_config.get(strategy_key, "random") != "random":
+        raise ConfigError(
+            f"{strategy_key}={run_config[strategy_key]!r}: train.dynamic-data-seed=true orders each round's rows "
+            "itself; set train.dynamic-data-seed=false to use another sampling strategy"
+        )
     if not 0.0 <= train.mcq_fraction <= 1.0:
         raise ConfigError(f"train.mcq-fraction={train.mcq_fraction!r}: must be in [0, 1]")
     if not 0.0 <= train.learning_rate_min <= train.learning_rate_max:

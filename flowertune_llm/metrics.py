@@ -1,9 +1,9 @@
-"""The run folder's logs: config.json, metrics.jsonl (one line per round), loss.png, TensorBoard."""
+"""The run's logs, written into its folder (rundir.py owns the names and the writes): config.json, status.json,
+metrics.jsonl (one line per round), loss.png, TensorBoard."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from logging import INFO
 from pathlib import Path
@@ -12,12 +12,19 @@ from typing import Any
 from flwr.common.logger import log
 
 from flowertune_llm.config import Config, ConfigError
+from flowertune_llm.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    STATUS_FILE,
+    read_metrics,
+    status_record,
+    write_json,
+    write_text,
+    writing,
+)
+from flowertune_llm.runs import format_duration
 from flowertune_llm.strategy import RoundLog
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-STATUS_FILE = "status.json"
-PLOT_FILE = "loss.png"
 
 
 def check_tensorboard(cfg: Config) -> None:
@@ -27,30 +34,6 @@ def check_tensorboard(cfg: Config) -> None:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("metrics.tensorboard=True: `pip install tensorboard` first") from None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All lines of a run's metrics.jsonl (empty if none)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def format_duration(seconds: float) -> str:
-    """'1h02m', '3m05s', '42s'."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def plot_loss(run_dir: Path, title: str) -> Path:
@@ -85,10 +68,9 @@ def plot_loss(run_dir: Path, title: str) -> Path:
     axes[-1][0].set_xlabel("round")
     fig.tight_layout()
     path = Path(run_dir) / PLOT_FILE
-    tmp = Path(run_dir) / f".{PLOT_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with writing(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -120,11 +102,12 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # run_info: the flat run_config as Flower passed it, the node count the ServerApp saw, Flower's run id
         config = {**cfg.to_dict(), "run": run_info or {}}
-        _atomic_write(self.run_dir / CONFIG_FILE, json.dumps(config, indent=2, default=str))
+        write_json(self.run_dir / CONFIG_FILE, config)
         self._started = time.time()
-        # A resumed run drops lines of rounds after its checkpoint (the killed run may have more).
+        # A resumed run drops lines of rounds after its checkpoint (the killed run may have more), and
+        # a last line a kill cut short.
         kept = [m for m in read_metrics(self.run_dir) if m["server_round"] <= last_round]
-        _atomic_write(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
+        write_text(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
         self._round_times: list[float] = []
         self._writer = None
         if cfg.comm.tensorboard:
@@ -158,8 +141,8 @@ class RunLog:
         loss = "n/a" if round_log.train_loss is None else f"{round_log.train_loss:.4f}"
         log(
             INFO,
-            "[round %d/%d] train_loss=%s lr=%.3g clients=%d failed=%d | comm %.2f MB "
-            "(total %.2f MB, %.2f MB with keys) | peak memory per client %s | %.1fs, ETA %s",
+            "[round %d/%d] train_loss=%s lr=%.3g clients=%d failed=%d | comm %.2f MiB "
+            "(total %.2f MiB, %.2f MiB with keys) | peak memory per client %s | rows %s | %.1fs, ETA %s",
             round_log.server_round,
             self.cfg.num_server_rounds,
             loss,
@@ -169,7 +152,8 @@ class RunLog:
             record["mb_round"],
             record["mb_total"],
             record["mb_total_with_keys"],
-            "n/a" if round_log.peak_mem_mb is None else f"{round_log.peak_mem_mb:,.0f} MB",
+            "n/a" if round_log.peak_mem_mb is None else f"{round_log.peak_mem_mb:,.0f} MiB",
+            "n/a" if round_log.rows_new is None else f"{round_log.rows_new:,} new, {round_log.rows_covered:,} covered",
             round_log.wall_time_s,
             format_duration(eta),
         )
@@ -185,9 +169,8 @@ class RunLog:
             self._tensorboard_validation(round_log.server_round, round_log.validation)
 
     def set_status(self, status: str, **details: Any) -> None:
-        """status.json: "running", "complete" or "failed" (with the error), and when; read by `flowertune-llm runs`."""
-        record = {"status": status, "started": self._started, "updated": time.time(), **details}
-        _atomic_write(self.run_dir / STATUS_FILE, json.dumps(record, indent=2, default=str))
+        """status.json: "running" (with this process's id), "complete" or "failed" (with the error), and when."""
+        write_json(self.run_dir / STATUS_FILE, status_record(status, self._started, **details))
 
     def plot(self) -> Path:
         """Redraw loss.png from metrics.jsonl."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 from flwr.common.logger import log
 
-from flowertune_llm.config import LEADERBOARD_DATASETS, LEADERBOARD_NUM_SUPERNODES, Config, ConfigError
+from flowertune_llm import rules
+from flowertune_llm.config import Config, ConfigError
 from flowertune_llm.dataset import validate_dataset
 from flowertune_llm.evaluate.data import Question
 from flowertune_llm.evaluate.validation import validation_questions
@@ -15,22 +17,20 @@ from flowertune_llm.models import check_model_source
 
 
 def leaderboard_warnings(cfg: Config) -> list[str]:
-    """Reasons this run's configuration does not qualify for the FlowerTune leaderboard."""
-    if cfg.is_leaderboard_dataset:
-        return []
-    return [f"static.dataset.name={cfg.dataset_name!r} is not {LEADERBOARD_DATASETS[0]!r}"]
+    """Reasons this run's configuration does not qualify for the FlowerTune leaderboard (rules.py)."""
+    return rules.run_violations(cfg.dataset_name, cfg.model.name)
 
 
 def federation_warning(num_nodes: int) -> str | None:
     """Why a federation of `num_nodes` does not qualify, and the exact commands that fix it."""
-    if num_nodes == LEADERBOARD_NUM_SUPERNODES:
+    if num_nodes == rules.NUM_SUPERNODES:
         return None
     return (
         f"This run does NOT qualify for the FlowerTune leaderboard: the federation has {num_nodes} "
-        f"SuperNodes, the leaderboard requires {LEADERBOARD_NUM_SUPERNODES}. Fix: stop this run "
+        f"SuperNodes, the leaderboard requires {rules.NUM_SUPERNODES}. Fix: stop this run "
         f"(`flwr stop <run-id>`), run `flowertune-llm federation` once, then `flwr run .` again; or add "
-        f'`--federation-config "num-supernodes={LEADERBOARD_NUM_SUPERNODES}"` to `flwr run`; on the '
-        f"Deployment Engine, register and start {LEADERBOARD_NUM_SUPERNODES} SuperNodes (docs/deployment.md)"
+        f'`--federation-config "num-supernodes={rules.NUM_SUPERNODES}"` to `flwr run`; on the '
+        f"Deployment Engine, register and start {rules.NUM_SUPERNODES} SuperNodes (docs/deployment.md)"
     )
 
 
@@ -47,11 +47,19 @@ def check_chat_template(cfg: Config) -> None:
         )
 
 
-def preflight(cfg: Config) -> dict[str, list[Question]] | None:
-    """Validate data, model and eval sources, log leaderboard eligibility; raise ConfigError.
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks found that the run goes on with."""
 
-    Returns the in-training evaluation's validation questions (None when `eval.every-round` is 0).
-    """
+    questions: dict[str, list[Question]] | None  # the in-training evaluation's (None when eval.every-round is 0)
+    dataset_rows: int  # rows of the training dataset (the denominator of the run's coverage)
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Validate data, model and eval sources, log leaderboard eligibility; raise ConfigError."""
+    from flowertune_llm.train import check_training_arguments
+
+    check_training_arguments(cfg)  # first: milliseconds, and TRL's reason beats a failure in every ClientApp
     check_tensorboard(cfg)
     questions = validation_questions(cfg.eval) if cfg.eval.enabled else None
     rows = validate_dataset(cfg.dataset_name)
@@ -63,4 +71,4 @@ def preflight(cfg: Config) -> dict[str, list[Question]] | None:
             sum(len(q) for q in questions.values()), cfg.eval.data, cfg.eval.every_round)
     for reason in leaderboard_warnings(cfg):
         log(WARNING, "This run does NOT qualify for the FlowerTune leaderboard: %s", reason)
-    return questions
+    return Preflight(questions, rows)

@@ -1,8 +1,9 @@
 """Run folders read back: one typed record per `results/<run>/`, the table of several, their curves.
 
 Used by `flowertune-llm runs`, `sweep` and `submission` alike. Reads only what the ServerApp
-writes (config.json, metrics.jsonl, status.json, peft_<N>/); runs from before a field existed
-still read, with empty cells.
+writes (config.json, metrics.jsonl, status.json, peft_<N>/; names and tolerant readers in
+rundir.py); runs from before a field existed still read, with empty cells, and a folder that
+cannot be read is named while the others are listed. Light: no torch, no flwr.
 """
 
 from __future__ import annotations
@@ -15,8 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowertune_llm.checkpoint import is_complete
-from flowertune_llm.metrics import CONFIG_FILE, STATUS_FILE, format_duration, read_metrics
+from flowertune_llm import rules
+from flowertune_llm.rundir import CONFIG_FILE, STATUS_FILE, is_complete, live_status, read_json, read_metrics, writing
+
+def format_duration(seconds: float) -> str:
+    """'1h02m', '3m05s', '42s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
 
 #: Run-config keys that say where a run belongs or writes, not how it trains: never "differing keys".
 BOOKKEEPING_KEYS = ("sweep.name", "sweep.point", "train.output-dir", "train.resume-from")
@@ -35,6 +46,7 @@ class RunRecord:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     status_file: dict[str, Any] = field(default_factory=dict)
     checkpoints: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what the reader skipped (a cut metrics line, ...)
 
     @property
     def name(self) -> str:
@@ -80,13 +92,15 @@ class RunRecord:
 
     @property
     def status(self) -> str:
-        """complete / stopped at round k of n / failed (status.json when written, else from the metrics)."""
-        written = self.status_file.get("status")
+        """complete / running at round k of n / stopped at round k of n / failed (status.json, its writer's process
+        checked while it says running; else from the metrics)."""
+        written = live_status(self.status_file)
         if written == "failed":
             return "failed"
         if written == "complete" or (self.num_rounds is not None and self.rounds_done >= self.num_rounds > 0):
             return "complete"
-        return f"stopped at round {self.rounds_done} of {self.num_rounds if self.num_rounds is not None else '?'}"
+        where = f"round {self.rounds_done} of {self.num_rounds if self.num_rounds is not None else '?'}"
+        return f"running at {where}" if written == "running" else f"stopped at {where}"
 
     @property
     def last_train_loss(self) -> float | None:
@@ -105,23 +119,47 @@ class RunRecord:
         evals = self.evaluations
         return max(evals, key=lambda m: (m["val_mmlu_avg"], -m["server_round"])) if evals else None
 
+    def _last(self, key: str) -> Any:
+        """The last trained round's value of a running total (None where no line recorded it)."""
+        values = [m[key] for m in self.trained if m.get(key) is not None]
+        return values[-1] if values else None
+
     @property
     def comm_total_mb(self) -> float | None:
-        """Communication of the run so far, payload MB (1024² bytes), as the server logs it."""
-        totals = [m["mb_total"] for m in self.trained if m.get("mb_total") is not None]
-        return totals[-1] if totals else None
+        """Communication of the run so far, payload MiB (1024² bytes, the leaderboard's MB), as the server logs it."""
+        return self._last("mb_total")
 
     @property
     def comm_total_with_keys_mb(self) -> float | None:
         """The same counting key strings, as `ArrayRecord.count_bytes()` does (the budget warning's figure)."""
-        totals = [m["mb_total_with_keys"] for m in self.trained if m.get("mb_total_with_keys") is not None]
-        return totals[-1] if totals else None
+        return self._last("mb_total_with_keys")
 
     @property
     def peak_mem_mb(self) -> float | None:
         """The largest client peak memory of the run (None where not recorded)."""
         peaks = [m["peak_mem_mb"] for m in self.trained if m.get("peak_mem_mb") is not None]
         return max(peaks) if peaks else None
+
+    @property
+    def dataset(self) -> str:
+        """The static dataset the run trained on."""
+        return str(self.run_config.get("static.dataset.name", self.config.get("dataset_name", "")))
+
+    @property
+    def rule_violations(self) -> list[str]:
+        """The leaderboard rules (rules.py) this run breaks, as far as its folder tells."""
+        return rules.run_violations(self.dataset, self.base_model, self.num_nodes, self.comm_total_with_keys_mb)
+
+    @property
+    def rows_covered(self) -> int | None:
+        """Distinct dataset rows trained on so far (None for runs from before it was recorded)."""
+        return self._last("rows_covered")
+
+    @property
+    def coverage(self) -> float | None:
+        """`rows_covered` as a share of the training dataset's rows (None where either is unknown)."""
+        total = (self.config.get("run") or {}).get("dataset_rows")
+        return self.rows_covered / total if self.rows_covered is not None and total else None
 
     @property
     def wall_time_s(self) -> float | None:
@@ -141,34 +179,44 @@ class RunRecord:
 
 
 def read_run(path: Path) -> RunRecord:
-    """One run folder; a folder without config.json is refused, naming it."""
+    """One run folder; a folder without a readable config.json is refused, naming it and why."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise RunsError(f"{path}: not a run folder (no {CONFIG_FILE})")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunsError(f"{config_file}: not JSON ({exc})") from exc
-    status_path = path / STATUS_FILE
-    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    problems: list[str] = []
+    config = read_json(config_file, problems)
+    if config is None:
+        raise RunsError(problems[0].removesuffix("; skipped"))
+    status = read_json(path / STATUS_FILE, problems) or {}
     checkpoints = sorted(
         int(p.name.removeprefix("peft_")) for p in path.glob("peft_*") if p.is_dir() and is_complete(p)
     )
-    return RunRecord(path, config, read_metrics(path), status, checkpoints)
+    return RunRecord(path, config, read_metrics(path, problems), status, checkpoints, problems)
 
 
-def find_runs(paths: list[Path]) -> list[RunRecord]:
-    """Run folders among `paths`: each is a run folder, or a folder whose subfolders are (e.g. results/)."""
+def find_runs(paths: list[Path], problems: list[str] | None = None) -> list[RunRecord]:
+    """Run folders among `paths`: each is a run folder, or a folder whose subfolders are (e.g. results/).
+
+    A subfolder that cannot be read is named in `problems` (when given) and the others are still
+    listed; so is what the reader skipped inside a run (a metrics line a kill cut short).
+    """
     runs = []
     for path in paths:
         path = Path(path)
         if not path.is_dir():
             raise RunsError(f"{path}: no such folder")
-        if (path / CONFIG_FILE).is_file():
-            runs.append(read_run(path))
-            continue
-        runs.extend(read_run(p) for p in sorted(path.iterdir()) if p.is_dir() and (p / CONFIG_FILE).is_file())
+        folders = [path] if (path / CONFIG_FILE).is_file() else \
+            [p for p in sorted(path.iterdir()) if p.is_dir() and (p / CONFIG_FILE).is_file()]
+        for folder in folders:
+            try:
+                runs.append(read_run(folder))
+            except RunsError as exc:
+                if problems is None or folder == path:
+                    raise
+                problems.append(f"{exc}; not listed")
+    if problems is not None:
+        problems.extend(p for run in runs for p in run.problems)
     return runs
 
 
@@ -206,22 +254,25 @@ def rows(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
             "base_model": Path(run.base_model).name if run.base_model.startswith(("/", ".", "~")) else run.base_model,
             **{k: run.run_config.get(k) for k in keys},
             "rounds": run.rounds_done,
+            "rules": run.rule_violations,
             "last_train_loss": run.last_train_loss,
             "best_val_avg": best["val_mmlu_avg"] if best else None,
             "best_round": best["server_round"] if best else None,
             "last_val_avg": evals[-1]["val_mmlu_avg"] if evals else None,
             "valid_letters_at_best": best.get("val_valid_letter_rate") if best else None,
             "letter_ceiling_at_best": best.get("val_letter_ceiling") if best else None,
+            "rows_covered": run.rows_covered,
+            "coverage": run.coverage,
             "comm_mb": run.comm_total_mb,
             "peak_mem_mb": run.peak_mem_mb,
             "wall_s": run.wall_time_s,
         })
-    columns = ["run", "status", "base_model", *keys, "rounds", "last_train_loss", "best_val_avg", "best_round",
-               "last_val_avg", "valid_letters_at_best", "letter_ceiling_at_best", "comm_mb", "peak_mem_mb", "wall_s"]
+    columns = ["run", "status", "base_model", *keys, "rounds", "rules", "last_train_loss", "best_val_avg", "best_round",
+               "last_val_avg", "valid_letters_at_best", "letter_ceiling_at_best", "rows_covered", "coverage", "comm_mb", "peak_mem_mb", "wall_s"]
     return columns, out
 
 
-_PERCENT = {"best_val_avg", "last_val_avg", "valid_letters_at_best", "letter_ceiling_at_best"}
+_PERCENT = {"best_val_avg", "last_val_avg", "valid_letters_at_best", "letter_ceiling_at_best", "coverage"}
 
 
 def _cell(column: str, value: Any) -> str:
@@ -233,6 +284,10 @@ def _cell(column: str, value: Any) -> str:
         return f"{value:.4f}"
     if column in ("comm_mb", "peak_mem_mb"):
         return f"{value:,.1f}"
+    if column == "rules":
+        return "ok" if not value else f"{len(value)} broken"
+    if column == "rows_covered":
+        return f"{value:,}"
     if column == "wall_s":
         return format_duration(value)
     if column == "run":
@@ -249,15 +304,17 @@ def format_table(runs: list[RunRecord], fmt: str = "table") -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(table)
+        writer.writerows({k: "; ".join(v) if isinstance(v, list) else v for k, v in row.items()} for row in table)
         return buffer.getvalue()
     headers = {"best_val_avg": "best val %", "best_round": "@round", "last_val_avg": "last val %",
-               "valid_letters_at_best": "letters %", "letter_ceiling_at_best": "ceiling %", "comm_mb": "comm MB",
-               "peak_mem_mb": "peak MB", "wall_s": "wall", "last_train_loss": "loss", "base_model": "base model"}
+               "valid_letters_at_best": "letters %", "letter_ceiling_at_best": "ceiling %", "rows_covered": "rows",
+               "coverage": "rows %", "comm_mb": "comm MiB",
+               "peak_mem_mb": "peak MiB", "wall_s": "wall", "last_train_loss": "loss", "base_model": "base model"}
     text = [[headers.get(c, c) for c in columns]] + [[_cell(c, row[c]) for c in columns] for row in table]
     widths = [max(len(r[i]) for r in text) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in text]
-    note = "letters % and ceiling % at the best round: diagnostics, not leaderboard figures"
+    note = ("letters % and ceiling % at the best round: diagnostics, not leaderboard figures; rules: the leaderboard "
+            "rules the run breaks (`--format json` lists them)")
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], note])
 
 
@@ -287,9 +344,7 @@ def plot_runs(runs: list[RunRecord], path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with writing(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -9,20 +9,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from flowertune_llm.checkpoint import (
-    Checkpointer,
-    checkpoint_metadata,
-    checkpoint_rounds,
-    load_resume,
-    new_run_dir,
-)
+from flowertune_llm.checkpoint import Checkpointer, checkpoint_metadata, checkpoint_rounds, load_resume
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.gguf import GgufError
 from flowertune_llm.logs import one_line_errors
 from flowertune_llm.metrics import RunLog
+from flowertune_llm.rundir import new_run_dir, read_metrics, set_aside_checkpoints_after
 from flowertune_llm.evaluate.validation import Validator
 from flowertune_llm.models import arrays_to_state, initial_adapter, set_process_threads, state_to_arrays
 from flowertune_llm.preflight import federation_warning, preflight
+from flowertune_llm.schedule import Coverage
 from flowertune_llm.strategy import CommStats, build_strategy, with_dp
 
 app = ServerApp()
@@ -38,15 +34,20 @@ def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
     set_process_threads()  # evaluation runs between rounds, while the ClientApps wait
     resume = load_resume(cfg) if cfg.train.resume_from else None
-    questions = preflight(cfg)
+    checked = preflight(cfg)
 
     if resume is None:
         state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
         run_dir, done, comm = new_run_dir(cfg.train.output_dir), 0, CommStats()
+        coverage = Coverage(cfg.train.seed, cfg.train.dynamic_data_seed)
     else:
         state, peft_config, run_dir, done = resume.state, resume.peft_config, resume.run_dir, resume.round
         comm = CommStats(**resume.comm_total_bytes)
+        coverage = Coverage.replay(cfg.train.seed, cfg.train.dynamic_data_seed,
+                                   [m for m in read_metrics(run_dir) if m.get("server_round", 0) <= done])
         log(INFO, "Resuming %s after round %d", run_dir, done)
+        if (aside := set_aside_checkpoints_after(run_dir, done)) is not None:  # the final checkpoint is this run's
+            log(WARNING, "Checkpoints after round %d (an abandoned continuation) moved to %s", done, aside)
     strategy = build_strategy(
         cfg.strategy.name,
         lr_schedule=cfg.lr,
@@ -57,9 +58,11 @@ def main(grid: Grid, context: Context) -> None:
         comm=comm,
         wire_dtype=cfg.comm.dtype,
         min_replies=cfg.strategy.min_replies,
+        coverage=coverage,
         **dict(cfg.strategy.params),
     )
-    run_info = {"run_config": dict(context.run_config), "num_nodes": num_nodes, "flower_run_id": context.run_id}
+    run_info = {"run_config": dict(context.run_config), "num_nodes": num_nodes, "flower_run_id": context.run_id,
+                "dataset_rows": checked.dataset_rows}
     run_log = RunLog(run_dir, cfg, last_round=done, run_info=run_info)
     checkpointer = Checkpointer(
         run_dir,
@@ -68,7 +71,7 @@ def main(grid: Grid, context: Context) -> None:
         metadata=lambda rnd: checkpoint_metadata(cfg, rnd, asdict(strategy.comm)),
     )
 
-    validate = Validator(cfg, peft_config, questions) if questions else None
+    validate = Validator(cfg, peft_config, checked.questions) if checked.questions else None
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> None:
         """Strategy.start's evaluate_fn: validate and log the round, checkpoint when due."""
@@ -103,10 +106,10 @@ def main(grid: Grid, context: Context) -> None:
     run_log.close()
     log(
         INFO,
-        "Done: %d rounds, communication %.2f MB (%.2f MB with keys), peak memory per client %s; checkpoints in %s",
+        "Done: %d rounds, communication %.2f MiB (%.2f MiB with keys), peak memory per client %s; checkpoints in %s",
         cfg.num_server_rounds,
         strategy.comm.total_payload_mb,
         strategy.comm.total_with_keys_mb,
-        f"{strategy.peak_mem_mb:,.0f} MB" if strategy.peak_mem_mb is not None else "not reported",
+        f"{strategy.peak_mem_mb:,.0f} MiB" if strategy.peak_mem_mb is not None else "not reported",
         run_dir,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -24,12 +23,12 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from flowertune_llm import rules
 from flowertune_llm.config import DPSettings
 from flowertune_llm.models import AdapterState, arrays_to_state, state_to_arrays
+from flowertune_llm.schedule import Coverage, sample_round
 
-MB = 1024**2  # as Flower's communication tracker counts
-#: The FlowerTune leaderboard's communication budget for a whole run, in MB.
-COMM_BUDGET_MB = 200_000.0
+MB = rules.MIB  # as Flower's communication tracker and the leaderboard count
 
 
 def payload_bytes(arrays: ArrayRecord) -> int:
@@ -86,7 +85,9 @@ class RoundLog:
     replies: int = 0
     failures: int = 0
     train_loss: float | None = None
-    client_losses: list[dict] = field(default_factory=list)  # per client: loss, examples, peak memory, GPU
+    client_losses: list[dict] = field(default_factory=list)  # per client: loss, examples, rows, peak memory, GPU
+    rows_new: int | None = None  # rows trained on for the first time in this run, all clients of the round
+    rows_covered: int | None = None  # distinct rows trained on since round 1
     peak_mem_mb: float | None = None  # the largest client peak of the round (GPU: allocated; CPU: resident set)
     rejected: list[dict] = field(default_factory=list)
     comm_round: CommStats = field(default_factory=CommStats)
@@ -109,14 +110,6 @@ class RoundLog:
         rec["comm_total_bytes"] = asdict(self.comm_total)
         rec.update(self.validation)
         return rec
-
-
-def sample_round(
-    node_ids: list[int], partitions: dict[int, int], k: int, seed: int, server_round: int
-) -> list[int]:
-    """Seeded sample of k nodes, reproducible across restarts (ordered by partition id)."""
-    ordered = sorted(node_ids, key=lambda n: (partitions.get(n, 1 << 62), n))
-    return random.Random(f"{seed}:{server_round}").sample(ordered, k)
 
 
 def check_reply(
@@ -156,7 +149,8 @@ class FlowerTuneMixin:
         comm: CommStats | None = None,
         wire_dtype: str = "float32",
         min_replies: int = 1,
-        comm_budget_mb: float = COMM_BUDGET_MB,
+        comm_budget_mb: float = rules.COMM_BUDGET_MB,
+        coverage: Coverage | None = None,
         **strategy_kwargs: Any,
     ) -> None:
         super().__init__(  # type: ignore[call-arg]
@@ -170,6 +164,7 @@ class FlowerTuneMixin:
         self.wire_dtype = wire_dtype
         self.min_replies = min_replies
         self.comm_budget_mb = comm_budget_mb
+        self.coverage = coverage or Coverage(seed, dynamic=False)
         self.rounds: dict[int, RoundLog] = {}
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._budget_warned = self.comm.total_with_keys_mb > comm_budget_mb
@@ -233,18 +228,25 @@ class FlowerTuneMixin:
                 continue
             msg.content[self.arrayrecord_key] = state_to_arrays(state)
             metrics = next(iter(msg.content.metric_records.values()))
-            round_log.client_losses.append(
-                {
-                    "node": node,
-                    "partition": self.partitions.get(node),
-                    "loss": float(metrics.get("train_loss", float("nan"))),
-                    "examples": int(metrics[self.weighted_by_key]),  # type: ignore[attr-defined]
-                    **{k: float(metrics[k]) for k in CLIENT_DEVICE_KEYS if k in metrics},
-                }
-            )
+            client = {
+                "node": node,
+                "partition": self.partitions.get(node),
+                "loss": float(metrics.get("train_loss", float("nan"))),
+                "examples": int(metrics[self.weighted_by_key]),  # type: ignore[attr-defined]
+                **{k: float(metrics[k]) for k in CLIENT_DEVICE_KEYS if k in metrics},
+            }
+            if "rows-trained" in metrics and client["partition"] is not None:
+                client["rows_trained"] = int(metrics["rows-trained"])
+                client["rows_new"] = self.coverage.add(
+                    round_log.server_round, client["partition"], client["examples"], client["rows_trained"]
+                )
+            round_log.client_losses.append(client)
             good.append(msg)
         peaks = [c["peak_mem_mb"] for c in round_log.client_losses if "peak_mem_mb" in c]
         round_log.peak_mem_mb = max(peaks) if peaks else None
+        new = [c["rows_new"] for c in round_log.client_losses if "rows_new" in c]
+        round_log.rows_new = sum(new) if new else None
+        round_log.rows_covered = self.coverage.total if new else None
         round_log.replies = len(good)
         round_log.failures = len(round_log.rejected)
         round_log.comm_total = CommStats(**asdict(self.comm))
@@ -259,7 +261,7 @@ class FlowerTuneMixin:
         round_log.wall_time_s = time.monotonic() - round_log.started
         if not self._budget_warned and self.comm.total_with_keys_mb > self.comm_budget_mb:
             self._budget_warned = True
-            log(WARNING, "Cumulative communication %.2f MB exceeds the leaderboard budget of %.0f MB",
+            log(WARNING, "Cumulative communication %.2f MiB exceeds the leaderboard budget of %.0f MB (MiB)",
                 self.comm.total_with_keys_mb, self.comm_budget_mb)
         return arrays, metrics
 

@@ -1,9 +1,11 @@
 """`flowertune-llm submission`: a finished run -> the folder a FlowerTune LLM leaderboard entry publishes.
 
-Checks the rules first (static section unchanged, exactly 20 SuperNodes, complete run, final
-checkpoint present), runs the official evaluation of the final checkpoint (the same
-`evaluate_mmlu` as `flowertune-eval`) or reuses an earlier one of the same bytes, and writes the
-folder through a temporary sibling renamed into place: nothing half-written if anything fails.
+Checks the run against the leaderboard's rules first (rules.py: the static dataset, the hub base
+model, exactly 20 SuperNodes, the communication budget; plus a complete run and its final
+checkpoint), runs the official evaluation of the final checkpoint (the same `evaluate_mmlu` as
+`flowertune-eval`) or reuses an earlier one of the same adapter on the same base, checks the
+evaluation's rules, and writes the folder through a temporary sibling renamed into place: nothing
+half-written if anything fails.
 """
 
 from __future__ import annotations
@@ -11,19 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowertune_llm.config import LEADERBOARD_DATASETS, LEADERBOARD_NUM_SUPERNODES, run_config_arg
-from flowertune_llm.evaluate.protocol import FULL_TEST_COUNTS, LEADERBOARD_CATEGORIES
-from flowertune_llm.metrics import CONFIG_FILE, METRICS_FILE, PLOT_FILE
+from flowertune_llm import rules
+from flowertune_llm.config import run_config_arg
+from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
+from flowertune_llm.rundir import CONFIG_FILE, METRICS_FILE, PLOT_FILE, write_folder
 from flowertune_llm.runs import BOOKKEEPING_KEYS, RunRecord, read_run
-
-#: The dataset id the seed's reference submission trained on, and the one Flower's current template names.
-SEED_DATASET, TEMPLATE_DATASET = LEADERBOARD_DATASETS
-
 
 class SubmissionError(ValueError):
     """The run cannot become a submission; one line per reason."""
@@ -38,20 +36,18 @@ def app_config(app: Path) -> dict[str, Any]:
     return flatten_dict(get_project_config(str(app))["tool"]["flwr"]["app"].get("config", {}))
 
 
-def rule_violations(run: RunRecord, defaults: dict[str, Any]) -> list[str]:
-    """One line per leaderboard rule the run breaks, naming key and value."""
-    lines = []
+def recorded_dataset(run: RunRecord) -> str:
+    """The static dataset the run trained on, as its config.json recorded it."""
     recorded = (run.config.get("run") or {}).get("run_config") or {}
-    for key, expected in ((k, v) for k, v in defaults.items() if k.startswith("static.")):
-        value = recorded.get(key, run.config.get("dataset_name") if key == "static.dataset.name" else None)
-        if value != expected:
-            lines.append(f"{key}={value!r}: the app's static section says {expected!r} (must stay unchanged)")
-    nodes = run.num_nodes
-    if nodes is None:
+    return str(recorded.get("static.dataset.name", run.config.get("dataset_name", "")))
+
+
+def rule_violations(run: RunRecord) -> list[str]:
+    """One line per leaderboard rule (rules.py) the run breaks, plus what an entry needs: a complete run, its final
+    checkpoint. Read from the run folder alone: what the run trained on, not what an app folder says now."""
+    lines = rules.run_violations(recorded_dataset(run), run.base_model, run.num_nodes, run.comm_total_with_keys_mb)
+    if run.num_nodes is None:
         lines.append("num_nodes: not recorded in config.json (a run from before node counts were recorded)")
-    elif nodes != LEADERBOARD_NUM_SUPERNODES:
-        lines.append(f"num_nodes={nodes}: the run's federation had {nodes} SuperNodes; "
-                     f"the leaderboard needs exactly {LEADERBOARD_NUM_SUPERNODES}")
     if run.status != "complete":
         lines.append(f"status={run.status!r}: the run must be complete to its last round "
                      f"(num-server-rounds={run.num_rounds})")
@@ -60,32 +56,23 @@ def rule_violations(run: RunRecord, defaults: dict[str, Any]) -> list[str]:
     return lines
 
 
-def adapter_hash(peft: Path) -> str:
-    """The checkpoint's identity, as `flowertune-eval` records it in results.json."""
-    from flowertune_llm.evaluate.api import adapter_sha256
-
-    return adapter_sha256(peft)
-
-
 def reusable_evaluation(eval_dir: Path, peft: Path, base: str) -> dict[str, Any]:
-    """An earlier `flowertune-eval` of these adapter bytes and base, 4-bit, full categories, no --limit; else an error."""
-    from flowertune_llm.evaluate.runner import same_base
+    """An earlier `flowertune-eval` of this adapter (weights and config) on this base model (by content) that keeps
+    the evaluation rules (rules.evaluation_violations); else an error naming each difference."""
+    from flowertune_llm.evaluate.api import adapter_config_sha256, adapter_sha256
+    from flowertune_llm.gguf import model_content_key
 
     path = Path(eval_dir) / "results.json"
     if not path.is_file():
         raise SubmissionError(f"--eval-results {eval_dir}: no results.json there")
     summary = json.loads(path.read_text())
     problems = []
-    if summary.get("adapter_sha256") != adapter_hash(peft):
-        problems.append(f"adapter_sha256={summary.get('adapter_sha256')!r} is not that of {peft}")
-    if not same_base(str(summary.get("base_model", "")), base):
-        problems.append(f"base_model={summary.get('base_model')!r} is not the run's {base!r}")
-    if summary.get("quantization") != 4:
-        problems.append(f"quantization={summary.get('quantization')!r}: the leaderboard evaluates in 4-bit")
-    if summary.get("limit") is not None:
-        problems.append(f"limit={summary.get('limit')!r}: the leaderboard scores every question")
-    if not set(LEADERBOARD_CATEGORIES) <= set(summary.get("categories", {})):
-        problems.append(f"categories={sorted(summary.get('categories', {}))}: needs {', '.join(LEADERBOARD_CATEGORIES)}")
+    for key, expected in (("adapter_sha256", adapter_sha256(peft)), ("adapter_config_sha256", adapter_config_sha256(peft)),
+                          ("base_model_sha256", model_content_key(base))):
+        if summary.get(key) != expected:
+            problems.append(f"{key}={summary.get(key)!r} is not that of {peft if 'adapter' in key else base} "
+                            f"({expected})")
+    problems += rules.evaluation_violations(summary)
     if problems:
         raise SubmissionError(f"--eval-results {eval_dir}: " + "; ".join(problems))
     return summary
@@ -119,7 +106,8 @@ def _evaluate(run: RunRecord, peft: Path, out: Path, args: dict[str, Any]) -> Ev
                     raise SubmissionError(f"--eval-results {source}: {name} is missing")
                 shutil.copy2(source / name, out / name)
         shutil.copy2(source / "results.json", out / "results.json")
-        return Evaluation(summary, f"reused the evaluation in {source} (same adapter SHA-256 and base)", command)
+        return Evaluation(summary, f"reused the evaluation in {source} (same adapter weights and config, same base "
+                                   "weights)", command)
     evaluate_mmlu(base, str(peft), LEADERBOARD_CATEGORIES, args["data"], 4, args["batch_size"], args["device"],
                   None, out, run_name, show_progress=args.get("show_progress", True))
     return Evaluation(json.loads((out / "results.json").read_text()), "ran now", command)
@@ -129,7 +117,7 @@ def training_command(run: RunRecord, defaults: dict[str, Any]) -> str:
     """The `flwr run` line that reproduces the run: every key that differs from the app's defaults."""
     rc = (run.config.get("run") or {}).get("run_config") or {}
     changed = {k: v for k, v in rc.items() if k not in BOOKKEEPING_KEYS and defaults.get(k) != v}
-    nodes = run.num_nodes or LEADERBOARD_NUM_SUPERNODES
+    nodes = run.num_nodes or rules.NUM_SUPERNODES
     line = f'flwr run . --stream --federation-config "num-supernodes={nodes}"'
     return line + (f' --run-config "{run_config_arg(changed)}"' if changed else "")
 
@@ -145,7 +133,7 @@ def readme(run: RunRecord, ev: Evaluation, defaults: dict[str, Any], violations:
     rc = (run.config.get("run") or {}).get("run_config") or {}
     dataset = rc.get("static.dataset.name", run.config.get("dataset_name", ""))
     questions = {c: cats[c]["total"] for c in LEADERBOARD_CATEGORIES}
-    full = all(questions[c] == FULL_TEST_COUNTS[c] for c in LEADERBOARD_CATEGORIES)
+    full = all(questions[c] == rules.EVAL_COUNTS[c] for c in LEADERBOARD_CATEGORIES)
     method = "DoRA" if rc.get("model.lora.use-dora") else "LoRA"
     lines = [f"# FlowerTune LLM, General NLP: {Path(run.base_model).name} + federated {method}", ""]
     if violations:
@@ -153,7 +141,7 @@ def readme(run: RunRecord, ev: Evaluation, defaults: dict[str, Any], violations:
         lines += [f"> - {v}" for v in violations] + [""]
     if not full:
         lines += [f"> Evaluated on {sum(questions.values())} questions, not the full MMLU test split "
-                  f"({sum(FULL_TEST_COUNTS[c] for c in LEADERBOARD_CATEGORIES)}): not a leaderboard figure.", ""]
+                  f"({sum(rules.EVAL_COUNTS.values())}): not a leaderboard figure.", ""]
     lines += [
         "## Method", "",
         f"{method} adapters (r={rc.get('model.lora.peft-lora-r')}, alpha={rc.get('model.lora.peft-lora-alpha')}, "
@@ -173,7 +161,7 @@ def readme(run: RunRecord, ev: Evaluation, defaults: dict[str, Any], violations:
         "(`acc_mmlu_<category>_<run>.txt`, `generation_mmlu_<category>_<run>.jsonl`).", "",
         f"**Communication cost:** {run.comm_total_mb or 0:.2f} MB (adapter payload sent and received over "
         f"{run.rounds_done} rounds, MB = 1024² bytes; `comm_cost.txt`).", "",
-        "**Memory per client:** " + (f"{run.peak_mem_mb:,.0f} MB peak (largest client, largest round; "
+        "**Memory per client:** " + (f"{run.peak_mem_mb:,.0f} MiB peak (largest client, largest round; "
                                      "GPU: allocated; CPU: resident set)" if run.peak_mem_mb else "not recorded by this run"),
         "",
         "## Training settings", "",
@@ -185,11 +173,9 @@ def readme(run: RunRecord, ev: Evaluation, defaults: dict[str, Any], violations:
                 "train.training-arguments.max-steps", "strategy.name", "strategy.fraction-train", "comm.dtype"):
         if key in rc:
             lines.append(f"| `{key}` | {rc[key]} |")
-    note = {SEED_DATASET: "the seed reference submission's dataset id",
-            TEMPLATE_DATASET: "the id Flower's current FlowerTune template names"}.get(dataset, "not a leaderboard dataset")
+    note = rules.dataset_violation(dataset) or "the leaderboard's static dataset"
     lines += [
-        "", f"**Dataset:** `{dataset}` ({note}; the seed trained on `{SEED_DATASET}`, Flower's current template names "
-        f"`{TEMPLATE_DATASET}`).", "",
+        "", f"**Dataset:** `{dataset}` ({note}).", "",
         "## Commands", "", "Training:", "", "```bash", training_command(run, defaults), "```", "",
         "Evaluation:", "", "```bash", ev.command, "```", "",
         f"Evaluation hardware: {s.get('hardware', 'not recorded')}.", "",
@@ -230,8 +216,8 @@ def build_submission(
 ) -> tuple[Path, list[str], Evaluation]:
     """Check the rules, evaluate (or reuse), write `out` complete or not at all; (out, violations, evaluation)."""
     run = read_run(Path(run_dir))
-    defaults = app_config(Path(app))
-    violations = rule_violations(run, defaults)
+    defaults = app_config(Path(app))  # for the training command only: the rules read the run folder
+    violations = rule_violations(run)
     if violations and not allow_rule_violations:
         raise SubmissionError("\n".join(violations))
     peft = run.final_checkpoint
@@ -240,13 +226,14 @@ def build_submission(
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise SubmissionError(f"--out {out}: exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with write_folder(out) as tmp:
         shutil.copytree(peft, tmp / peft.name)
         args = {"data": data, "batch_size": batch_size, "device": device, "eval_results": eval_results,
                 "run_name": run_name or run.name, "show_progress": show_progress}
         ev = _evaluate(run, peft, tmp / "evaluation", args)
+        violations = violations + rules.evaluation_violations(ev.summary)
+        if violations and not allow_rule_violations:  # this evaluation breaks a rule (a partial --data file, ...)
+            raise SubmissionError("\n".join(violations))
         shutil.copy2(tmp / "evaluation" / "results.json", tmp / "results.json")
         comm = run.comm_total_mb or 0.0
         (tmp / "comm_cost.txt").write_text(
@@ -258,9 +245,5 @@ def build_submission(
         (tmp / "README.md").write_text(readme(run, ev, defaults, violations, peft.name))
         (tmp / "SHA256SUMS").write_text(_sha256sums(tmp))
         if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            out.rmdir()  # empty, checked above: the finished folder takes its place
     return out, violations, ev

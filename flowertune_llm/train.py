@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import math
@@ -17,7 +18,7 @@ from transformers.trainer_callback import PrinterCallback
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from flowertune_llm.config import Config, ModelSettings
+from flowertune_llm.config import Config, ConfigError, ModelSettings, training_argument_key
 from flowertune_llm.dataset import load_partition
 from flowertune_llm.gguf import resolve_model_path
 from flowertune_llm.devices import (
@@ -30,6 +31,7 @@ from flowertune_llm.devices import (
     visible_gpu_ids,
 )
 from flowertune_llm.models import AdapterState, adapter_state, build_peft_model, set_adapter_state
+from flowertune_llm.schedule import row_order
 
 
 #: The step-cost optimizations below (identical training, see docs/benchmarks.md); only
@@ -44,6 +46,7 @@ class RoundResult:
     state: AdapterState
     train_loss: float
     num_examples: int
+    rows_trained: int = 0  # distinct rows of the partition this round trained on (schedule.Coverage counts them)
     device: dict[str, float] = field(default_factory=dict)  # peak memory of the round, GPU used, GPUs visible
 
 
@@ -85,8 +88,50 @@ def sft_config(cfg: Config, lr: float, output_dir: str, device: str) -> SFTConfi
         save_strategy="no",
         disable_tqdm=True,
     )
+    if cfg.train.dynamic_data_seed:  # the round's rows come pre-ordered (schedule.row_order): keep that order
+        args["train_sampling_strategy"] = "sequential"
     args.setdefault("report_to", "none")
     return OneDeviceSFTConfig(**args)
+
+
+#: How much of TRL's reason a one-line error keeps.
+_REASON_CHARS = 240
+
+
+def check_training_arguments(cfg: Config) -> None:
+    """Build the SFTConfig every client will build (placeholder folder, CPU), so TRL's own checks refuse a bad
+    argument now, in milliseconds, rather than in every ClientApp after the model loaded and round 0 was scored.
+
+    The error names the key(s) as run-config keys, with TRL's reason cut to one readable line: a key
+    that fails on its own is named alone; one that fails only beside another is named with it.
+    """
+    user = list(cfg.train.training_arguments)
+
+    def failure(arguments: list[tuple[str, Any]]) -> str | None:
+        trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, training_arguments=tuple(arguments)))
+        try:
+            sft_config(trial, cfg.train.learning_rate_max, tempfile.gettempdir(), "cpu")
+        except Exception as exc:  # noqa: BLE001 - TRL/transformers raise ValueError, TypeError, KeyError, ...
+            return " ".join(str(exc).split()) or type(exc).__name__
+        return None
+
+    reason = failure(user)
+    if reason is None:
+        return
+    culprits: list[tuple[str, Any]] = []
+    for i, (name, value) in enumerate(user):
+        if failure(user[: i + 1]) is None:
+            continue
+        alone = failure([(name, value)])
+        partner = None if alone else next((p for p in user[:i] if failure([p, (name, value)])), None)
+        culprits = [(name, value)] if partner is None else [partner, (name, value)]
+        reason = failure(culprits) or reason
+        break
+    keys = " with ".join(f"{training_argument_key(n)}={v!r}" for n, v in culprits) or \
+        "the training arguments the app sets (train.seq-length, model.gradient-checkpointing, ...)"
+    if len(reason) > _REASON_CHARS:
+        reason = reason[: _REASON_CHARS - 3].rstrip() + "..."
+    raise ConfigError(f"{keys}: {reason}")
 
 
 class ModelCache:
@@ -288,9 +333,12 @@ def train_one_round(
     tokenized: TokenizedCache | None = TOKENIZED,
     callbacks: list[TrainerCallback] | None = None,
     proximal_mu: float = 0.0,
+    server_round: int = 1,
 ) -> RoundResult:
     """Train the global adapter on one partition for one round; return the local adapter.
 
+    With `train.dynamic-data-seed` the partition's rows are trained in the round's own order
+    (`schedule.row_order` of seed, round and partition); without it, in the trainer's fixed one.
     `models=None` / `tokenized=None` rebuild the model / re-tokenize (the reference behaviour).
     """
     device = default_device()
@@ -307,15 +355,19 @@ def train_one_round(
         )
         if tokenized is not None:
             tokenized.put(key, trainer.train_dataset)
+        num_examples = len(trainer.train_dataset)  # after TRL dropped rows with no response left
+        if cfg.train.dynamic_data_seed:
+            order = row_order(cfg.train.seed, server_round, partition_id, num_examples, dynamic=True)
+            trainer.train_dataset = trainer.train_dataset.select(order)
         result = trainer.train()
         state = adapter_state(trainer.model)
-        num_examples = len(trainer.train_dataset)  # after TRL dropped rows with no response left
         used = {**memory.peak_mb(), "gpu": float(trainer.args.device.index or 0) if device != "cpu" else -1.0,
                 "visible_gpus": float(visible_gpu_ids())}
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise RuntimeError(f"partition {partition_id}: training loss is {loss}")
-    return RoundResult(state=state, train_loss=loss, num_examples=num_examples, device=used)
+    return RoundResult(state=state, train_loss=loss, num_examples=num_examples,
+                       rows_trained=cfg.train.rows_per_round(num_examples), device=used)
 
 
 def evaluate_adapter(

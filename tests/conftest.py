@@ -86,6 +86,9 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, shape: dict[str, Any] = TINY
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
+    from flowertune_llm.gguf import readable_by_transformers_4
+
+    readable_by_transformers_4(out)  # as the app's own model folders: the official evaluator's transformers 4.x reads it
     return out
 
 
@@ -113,3 +116,11 @@ def avx512_bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import bitsandbytes.nn.modules as bnb_modules
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+@pytest.fixture(scope="session")
+def official_stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """peft 0.14.0 + transformers 4.53.0 (the official evaluator's stack) in a folder of their own (from PyPI)."""
+    from tests.official_evaluator import install_old_stack
+
+    return install_old_stack(tmp_path_factory.mktemp("official-stack"))

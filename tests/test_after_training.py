@@ -12,7 +12,7 @@ import pytest
 from flowertune_llm.cli import main as cli
 from flowertune_llm.config import ConfigError
 from flowertune_llm.runs import differing_keys, find_runs, format_table, plot_runs
-from flowertune_llm.sweep import Point, file_points, grid_points, run_sweep
+from flowertune_llm.sweep import file_points, grid_points, run_sweep
 from tests.conftest import MMLU_DIR, ROOT, default_run_config
 
 
@@ -108,16 +108,26 @@ def test_runs_refuses_a_folder_that_is_not_there(tmp_path: Path, capsys: pytest.
 class FakeCli:
     """FlowerCli without Flower: each run 'finishes' with the status the test decides."""
 
-    def __init__(self, outcome: dict[str, str], interrupt_at: int = 0) -> None:
+    def __init__(self, outcome: dict[str, str], interrupt_at: int = 0, fail: BaseException | None = None,
+                 fail_in: str = "status") -> None:
         self.outcome, self.started, self.stopped, self.interrupt_at = outcome, [], [], interrupt_at
+        self.fail, self.fail_in = fail, fail_in
 
     def start(self, run_config: str, federation_config: str | None) -> str:
-        self.started.append(run_config)
+        self.started.append(run_config)  # submitted to the SuperLink ...
+        if self.fail is not None and self.fail_in == "start":
+            raise self.fail  # ... but `flwr run` is interrupted before it prints the id
         return str(len(self.started))
+
+    def runs(self) -> dict[str, str]:
+        return {str(i): "finished:completed" if str(i) in self.stopped else "running"
+                for i in range(1, len(self.started) + 1)}
 
     def status(self, run_id: str) -> tuple[str, str]:
         if self.interrupt_at and int(run_id) == self.interrupt_at:
             raise KeyboardInterrupt
+        if self.fail is not None and self.fail_in == "status":
+            raise self.fail
         label = self.started[int(run_id) - 1]
         return next(((s, "boom") for key, s in self.outcome.items() if key in label), ("finished:completed", ""))
 
@@ -160,8 +170,8 @@ def test_sweep_reports_a_failed_point_goes_on_and_a_rerun_skips_completed_points
     assert len(failed) == 1 and failed[0].status == "failed" and failed[0].sweep == ("s", "train.seed=2")
     assert failed[0].status_file["error"] == "boom"
     for seed in (1, 3):  # as the ServerApp would have written them
-        make_run(out, f"run-{seed}", 4, overrides={"train.seed": seed, "sweep.name": "s",
-                                                   "sweep.point": f"train.seed={seed}"}, status="complete")
+        make_run(out, f"run-{seed}", 4, num_rounds=100, status="complete", overrides={
+            "train.seed": seed, "sweep.name": "s", "sweep.point": f"train.seed={seed}", "train.output-dir": str(out)})
     again = FakeCli({})
     outcomes = run_sweep("s", points, {"train.output-dir": str(out)}, defaults, again, poll_s=0)
     assert [o.status for o in outcomes] == ["skipped", "finished:completed", "skipped"]
@@ -174,6 +184,46 @@ def test_ctrl_c_stops_the_running_run_and_leaves_finished_points(tmp_path: Path)
         run_sweep("s", grid_points(["train.seed=1,2,3"]), {"train.output-dir": str(tmp_path)}, default_run_config(),
                   fake, poll_s=0)
     assert fake.stopped == ["2"] and len(fake.started) == 2
+
+
+def test_ctrl_c_while_flwr_run_starts_stops_the_run_it_submitted(tmp_path: Path) -> None:
+    fake = FakeCli({}, fail=KeyboardInterrupt(), fail_in="start")
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep("s", grid_points(["train.seed=1,2"]), {"train.output-dir": str(tmp_path)}, default_run_config(),
+                  fake, poll_s=0)
+    assert fake.started and fake.stopped == ["1"]
+
+
+def test_a_flwr_ls_error_stops_the_running_run_and_is_one_line(tmp_path: Path) -> None:
+    fake = FakeCli({}, fail=RuntimeError("flwr ls did not answer within 60 s"))
+    said: list[str] = []
+    with pytest.raises(RuntimeError, match="did not answer"):
+        run_sweep("s", grid_points(["train.seed=1,2"]), {"train.output-dir": str(tmp_path)}, default_run_config(),
+                  fake, poll_s=0, say=said.append)
+    assert fake.stopped == ["1"] and "flwr ls did not answer within 60 s: stopping run 1" in said[-1]
+
+
+def test_a_sweep_rerun_with_other_settings_is_refused_naming_them(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    make_run(out, "run-1", 4, num_rounds=4, status="complete",
+             overrides={"train.seed": 1, "sweep.name": "s", "sweep.point": "train.seed=1", "train.output-dir": str(out)})
+    fake = FakeCli({})
+    with pytest.raises(ConfigError, match=r"sweep 's' ran train.seed=1 with other settings \(num-server-rounds: 4 -> 5\)"):
+        run_sweep("s", grid_points(["train.seed=1,2"]), {"train.output-dir": str(out), "num-server-rounds": 5},
+                  default_run_config(), fake, poll_s=0)
+    assert fake.started == []
+    outcomes = run_sweep("s", grid_points(["train.seed=1,2"]), {"train.output-dir": str(out), "num-server-rounds": 4},
+                         default_run_config(), fake, poll_s=0)
+    assert [o.status for o in outcomes] == ["skipped", "finished:completed"]  # the same settings: done
+
+
+def test_flwr_json_is_found_whatever_surrounds_it() -> None:
+    from flowertune_llm.sweep import flwr_json
+
+    out = 'Loading project configuration... {not json}\n{"success": true, "run-id": 7}\nbye {"x": 1}'
+    assert flwr_json(out, "run-id") == {"success": True, "run-id": 7}
+    with pytest.raises(RuntimeError, match="no JSON object with 'runs'"):
+        flwr_json(out, "runs")
 
 
 # --- submission ------------------------------------------------------------------------------------
@@ -217,28 +267,53 @@ def small_test_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def edited_app(tmp_path: Path, dataset: str) -> Path:
+    """A copy of this app whose static section was edited to name `dataset`."""
+    app = tmp_path / "edited-app"
+    app.mkdir()
+    text = (ROOT / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(text.replace('dataset.name = "flwrlabs/alpaca-gpt4"', f'dataset.name = "{dataset}"'))
+    return app
+
+
 @pytest.mark.parametrize("kwargs, line", [
-    ({"overrides": {"static.dataset.name": "/data/my-alpaca.jsonl"}},
-     "error: static.dataset.name='/data/my-alpaca.jsonl': the app's static section says 'vicgalle/alpaca-gpt4'"),
+    # the app folder's static section was edited the same way: the run is still refused (rules.py, not --app)
+    ({"overrides": {"static.dataset.name": "/data/my-alpaca.jsonl"}, "app": "/data/my-alpaca.jsonl"},
+     "error: static.dataset.name='/data/my-alpaca.jsonl': the leaderboard trains on 'flwrlabs/alpaca-gpt4'"),
+    ({"overrides": {"static.dataset.name": "vicgalle/alpaca-gpt4"}},
+     "error: static.dataset.name='vicgalle/alpaca-gpt4': the rule before 2025-04-08 (the same rows)"),
     ({"num_nodes": 2}, "error: num_nodes=2: the run's federation had 2 SuperNodes; the leaderboard needs exactly 20"),
+    ({"overrides": {"model.name": "/models/SmolLM2-135M-Instruct.Q4_1.gguf"}},
+     "error: model.name='/models/SmolLM2-135M-Instruct.Q4_1.gguf': a GGUF import (close to, not bit-equal with"),
 ])
 def test_submission_refuses_a_rule_violation_with_one_line(
     tmp_path: Path, tiny_checkpoint: tuple[Path, dict], capsys: pytest.CaptureFixture[str], kwargs: dict, line: str
 ) -> None:
+    kwargs = {**kwargs, "overrides": {"model.name": HUB_MODEL, **kwargs.get("overrides", {})}}
+    app = edited_app(tmp_path, kwargs.pop("app")) if "app" in kwargs else ROOT
     run = tiny_finished_run(tmp_path / "results", tiny_checkpoint, **kwargs)
-    assert cli(["submission", str(run), "--out", str(tmp_path / "entry"), "--app", str(ROOT)]) == 2
+    assert cli(["submission", str(run), "--out", str(tmp_path / "entry"), "--app", str(app)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(line), err
     assert not (tmp_path / "entry").exists() and not list(tmp_path.glob(".entry*"))
 
 
-def test_submission_builds_a_complete_entry_whose_numbers_match_the_evaluation(
+def test_submission_builds_an_entry_whose_numbers_match_the_evaluation_in_the_official_files(
     tmp_path: Path, tiny_checkpoint: tuple[Path, dict], small_test_split: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A tiny local model on 4 questions per category: built with --allow-rule-violations, which names exactly the
+    local base model and the three partial categories; everything else as a real entry."""
     run = tiny_finished_run(tmp_path / "results", tiny_checkpoint)
     out = tmp_path / "entry"
-    assert cli(["submission", str(run), "--out", str(out), "--app", str(ROOT), "--data", str(small_test_split),
-                "--batch-size", "4", "--device", "cpu", "--no-progress", "--run-name", "fl"]) == 0
+    args = ["--data", str(small_test_split), "--batch-size", "4", "--device", "cpu", "--no-progress", "--run-name", "fl"]
+    assert cli(["submission", str(run), "--out", str(out), "--app", str(ROOT), *args]) == 2  # refused before evaluating
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: model.name={tiny_checkpoint[1]['model.name']!r}: a local model")
+    assert not out.exists() and not list(tmp_path.glob(".entry*"))
+    assert cli(["submission", str(run), "--out", str(out), "--app", str(ROOT), *args, "--allow-rule-violations"]) == 0
     assert "evaluation ran now" in capsys.readouterr().out
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"peft_2/adapter_config.json", "peft_2/adapter_model.safetensors", "README.md", "SHA256SUMS",
@@ -254,21 +329,69 @@ def test_submission_builds_a_complete_entry_whose_numbers_match_the_evaluation(
     for cat in ("stem", "social_sciences", "humanities"):
         acc = (out / f"evaluation/acc_mmlu_{cat}_fl.txt").read_text()
         assert acc == f"Accuracy: {cats[cat]['accuracy']}. "
-    assert "not the full MMLU test split" in readme and "Not eligible" not in readme
-    assert "Communication cost:** 14.94 MB" in readme and "902 MB peak" in readme
+        records = json.loads((out / f"evaluation/generation_mmlu_{cat}_fl.jsonl").read_text())
+        assert sum(r["correct"] for r in records) == cats[cat]["correct"] and len(records) == cats[cat]["total"] == 4
+    assert "not the full MMLU test split" in readme and "**Not eligible for the leaderboard**" in readme
+    violations = [line for line in readme.splitlines() if line.startswith("> - ")]
+    assert [v[4:].split("=")[0] for v in violations] == [
+        "model.name", "categories.stem.total", "categories.social_sciences.total", "categories.humanities.total"]
+    assert "Communication cost:** 14.94 MB" in readme and "902 MiB peak" in readme
     assert "flowertune-eval --base-model-name-path" in readme and "flwr run . --stream" in readme
-    assert "vicgalle/alpaca-gpt4" in readme and "not leaderboard figures" in readme
+    assert "flwrlabs/alpaca-gpt4" in readme and "not leaderboard figures" in readme
     for entry in (out / "SHA256SUMS").read_text().splitlines():
         digest, name = entry.split("  ", 1)
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
-    # the same checkpoint again, reusing that evaluation: same numbers, said so
-    again = tmp_path / "entry2"
-    assert cli(["submission", str(run), "--out", str(again), "--app", str(ROOT),
-                "--eval-results", str(out / "evaluation")]) == 0
-    assert "reused the evaluation" in capsys.readouterr().out
-    assert json.loads((again / "results.json").read_text())["average"] == summary["average"]
-    assert cli(["submission", str(run), "--out", str(out), "--app", str(ROOT)]) == 2  # never over a finished entry
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert summary["split"] == "test" and summary["adapter_config_sha256"] and summary["base_model_sha256"]
+    assert cli(["submission", str(run), "--out", str(out), "--app", str(ROOT), "--allow-rule-violations"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err  # never over a finished entry
+
+
+def full_split_evaluation(source: Path, dest: Path, **changes: Any) -> Path:
+    """A copy of an evaluation folder whose results.json says it scored the full test split exactly (+ changes)."""
+    import shutil
+
+    from flowertune_llm import rules
+
+    shutil.copytree(source, dest)
+    summary = json.loads((dest / "results.json").read_text())
+    for cat, count in rules.EVAL_COUNTS.items():
+        summary["categories"][cat]["total"] = count
+    summary.update(changes)
+    (dest / "results.json").write_text(json.dumps(summary))
+    return dest
+
+
+def test_an_evaluation_is_reused_only_for_the_same_adapter_on_the_same_base_under_the_rules(
+    tmp_path: Path, tiny_checkpoint: tuple[Path, dict], small_test_split: Path, smollm2_tokenizer_dir: Path
+) -> None:
+    import shutil
+
+    from flowertune_llm.evaluate.api import evaluate_mmlu
+    from flowertune_llm.submission import SubmissionError, reusable_evaluation
+    from tests.conftest import make_tiny_llama
+
+    peft, overrides = tiny_checkpoint
+    base = overrides["model.name"]
+    scored = tmp_path / "scored"
+    evaluate_mmlu(base, str(peft), data=str(small_test_split), batch_size=4, device="cpu", output_dir=scored,
+                  show_progress=False)
+    assert reusable_evaluation(full_split_evaluation(scored, tmp_path / "ok"), peft, base)["average"] is not None
+
+    def refused(eval_dir: Path, adapter: Path = peft, base_model: str = base) -> str:
+        with pytest.raises(SubmissionError) as err:
+            reusable_evaluation(eval_dir, adapter, base_model)
+        return str(err.value)
+
+    assert "categories.stem.total=4: the full test split has 3153" in refused(scored)  # as scored: 4 per category
+    assert "split='validation'" in refused(full_split_evaluation(scored, tmp_path / "val", split="validation"))
+    assert "batching='inexact'" in refused(full_split_evaluation(scored, tmp_path / "inexact", batching="inexact"))
+    other_alpha = tmp_path / "alpha" / peft.name
+    shutil.copytree(peft, other_alpha)  # the same weights, another lora_alpha: another adapter
+    config = json.loads((other_alpha / "adapter_config.json").read_text())
+    (other_alpha / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 2 * config["lora_alpha"]}))
+    assert "adapter_config_sha256=" in refused(full_split_evaluation(scored, tmp_path / "a"), adapter=other_alpha)
+    twin = make_tiny_llama(tmp_path / "elsewhere" / Path(base).name, smollm2_tokenizer_dir, seed=1)  # same name
+    assert "base_model_sha256=" in refused(full_split_evaluation(scored, tmp_path / "b"), base_model=str(twin))
 
 
 def test_submission_with_allowed_violations_is_marked_not_eligible(

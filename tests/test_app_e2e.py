@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from flowertune_llm.config import parse_config, run_config_arg
-from flowertune_llm.metrics import read_metrics
+from flowertune_llm.rundir import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
 from tests.conftest import ALPACA_SUBSET, MMLU_VAL, ROOT, tiny_overrides, tiny_run_config
 from tests.processes import BIN, flower_env, round_lines, start_simulation_superlink, stop_tree
@@ -135,7 +135,7 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
 
     from safetensors.torch import load_file
 
-    from flowertune_llm.checkpoint import is_complete
+    from flowertune_llm.rundir import is_complete
     from flowertune_llm.evaluate.api import evaluate_mmlu
     from flowertune_llm.evaluate.validation import validation_questions
 
@@ -202,7 +202,7 @@ def flwr_log(env: dict[str, str], connection: str, run_id: str) -> str:
 
 
 def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_lists_all(
-    tmp_path: Path, tiny_llama_dir: Path
+    tmp_path: Path, tiny_llama_dir: Path, official_stack: Path
 ) -> None:
     """2 x 2 points (learning rate x template) of 1-round runs of the real app, 20 simulated SuperNodes, 2 clients
     per round, tiny 4-bit Llama. One point's dataset path passes the offline check but does not exist, so its run
@@ -216,7 +216,7 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
     points = tmp_path / "points.toml"
     points.write_text(
         '[[point]]\n"train.learning-rate-max" = 0.01\n"train.prompt-template" = "alpaca"\n\n'
-        '[[point]]\n"train.learning-rate-max" = 0.01\n"train.prompt-template" = "qa"\n\n'
+        '[[point]]\n"train.learning-rate-max" = 0.01\n"train.prompt-template" = "qa"\n"model.lora.use-dora" = false\n\n'
         '[[point]]\n"train.learning-rate-max" = 0.001\n"train.prompt-template" = "alpaca"\n\n'
         '[[point]]\n"train.learning-rate-max" = 0.001\n"train.prompt-template" = "qa"\n'
         f'"static.dataset.name" = "{missing}"\n'
@@ -233,6 +233,16 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
         first_log = flwr_log(env, connection, run_ids[0][1])
         failed_log = flwr_log(env, connection, run_ids[3][1])
         failed_status = run_status(env, connection, f"Successfully started run {run_ids[3][1]}")
+        # a training argument TRL refuses: the run ends before round 0's evaluation, with TRL's reason in one line
+        bogus = {**fixed, "train.training-arguments.lr-scheduler-type": "bogus", "eval.every-round": 1,
+                 "eval.data": str(MMLU_VAL), "eval.questions": 6}
+        bogus_status = run_status(env, connection, flwr_run_on(env, connection, bogus, timeout=300))
+        bogus_log = flwr_log(env, connection, str(bogus_status["run-id"]))
+    bogus_message = "train.training-arguments.lr-scheduler-type='bogus': bogus is not a valid SchedulerType"
+    assert bogus_status["status"] == "finished:failed" and bogus_message in bogus_status["status-details"]
+    lines = [line for line in bogus_log.splitlines() if bogus_message in line]
+    assert len(lines) == 1 and f"Run stopped: {bogus_message}" in lines[0], bogus_log[-3000:]
+    assert "validation MMLU" not in bogus_log and "Traceback" not in bogus_log, bogus_log[-3000:]
     assert proc.returncode == 1, out[-3000:]
     progress = proc.stdout  # one line per point on stdout; the failures are repeated on stderr at the end
     assert progress.count(": finished:completed") == 3 and progress.count(": finished:failed") == 1, out[-3000:]
@@ -247,7 +257,7 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
 
     # a completed run, as any `flwr run` of the app: 2 of 20 nodes trained, memory per client, Done line
     assert "(2 of 20 nodes)" in first_log and round_lines(first_log)[0][1:3] == ("2", "0"), first_log[-3000:]
-    assert re.search(r"Done: .*peak memory per client [\d,]+ MB", first_log), first_log[-2000:]
+    assert re.search(r"Done: .*peak memory per client [\d,]+ MiB", first_log), first_log[-2000:]
 
     listed = subprocess.run([str(BIN / "flowertune-llm"), "runs", str(results), "--format", "json"],
                             capture_output=True, text=True, check=True).stdout
@@ -278,5 +288,28 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
         assert (run_dir / "loss.png").is_file()
         base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         trained = adapter_state(PeftModel.from_pretrained(base, str(run_dir / "peft_1")))
-        assert set(trained) == set(start)
-        assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-4
+        assert set(trained) == set(start) or not config["run"]["run_config"]["model.lora.use-dora"]
+        assert max((trained[k] - start[k]).abs().max().item() for k in trained) > 1e-4
+
+    # The official evaluator (peft 0.14.0, transformers 4.53, 4-bit fp4, float32) loads a DoRA and a LoRA checkpoint
+    # of these runs and computes the answer-position logits flowertune-eval computes.
+    from flowertune_llm.evaluate.data import load_questions
+    from flowertune_llm.evaluate.protocol import build_prompt
+    from tests.conftest import MMLU_DIR
+    from tests.official_evaluator import official_logits, our_logits
+
+    questions = load_questions(str(MMLU_DIR / "mmlu_test.jsonl"))[::2000][:6]
+    prompts = [build_prompt(q.question, list(q.options)) for q in questions]
+    checked = set()
+    for run_dir, config in zip(run_dirs, configs):
+        dora = config["run"]["run_config"]["model.lora.use-dora"]
+        if run_dir == failed_dir or dora in checked:
+            continue
+        checked.add(dora)
+        peft = str(run_dir / "peft_1")
+        theirs = official_logits(official_stack, str(tiny_llama_dir), peft, prompts, tmp_path / f"official-{dora}.pt")
+        assert theirs["versions"] == ["4.53.0", "0.14.0"]
+        ours = our_logits(str(tiny_llama_dir), peft, prompts)
+        assert (theirs["logits"].argmax(-1) == ours.argmax(-1)).all(), ("DoRA" if dora else "LoRA")
+        assert (theirs["logits"] - ours).abs().max().item() < 1e-4, ("DoRA" if dora else "LoRA")
+    assert checked == {True, False}

@@ -9,13 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm.checkpoint import (
-    METADATA_FILE,
-    Checkpointer,
-    checkpoint_rounds,
-    new_run_dir,
-    save_adapter,
-)
+from flowertune_llm.checkpoint import Checkpointer, checkpoint_rounds, save_adapter
+from flowertune_llm.rundir import METADATA_FILE, new_run_dir
 from flowertune_llm.config import parse_config
 from flowertune_llm.models import adapter_state, initial_adapter, state_to_arrays
 from tests.conftest import tiny_run_config

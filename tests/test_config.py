@@ -18,7 +18,8 @@ def test_pyproject_defaults_match_the_reference_baseline() -> None:
     assert cfg.model.lora.use_dora and cfg.model.lora.target_modules == ()
     assert cfg.num_server_rounds == 100 and cfg.train.save_every_round == 5
     assert cfg.strategy.fraction_train == 0.1
-    assert cfg.dataset_name == "vicgalle/alpaca-gpt4" and cfg.is_leaderboard_dataset
+    assert cfg.dataset_name == "flwrlabs/alpaca-gpt4" and cfg.is_leaderboard_dataset
+    assert cfg.train.dynamic_data_seed
     ta = dict(cfg.train.training_arguments)
     assert ta["per_device_train_batch_size"] == 16 and ta["max_steps"] == 10
     assert ta["gradient_accumulation_steps"] == 1 and ta["lr_scheduler_type"] == "constant"
@@ -140,3 +141,49 @@ def test_check_command_names_bad_keys_and_values(
     assert len(err.splitlines()) == 1
     assert main(["check", "--app", str(ROOT), "num-server-rounds=3 train.prompt-template='qa'"]) == 0
     assert capsys.readouterr().out.startswith("ok: ")
+
+
+def app_with_training_arguments(tmp_path, **extra: object):  # noqa: ANN001, ANN201
+    """A copy of this app's pyproject whose config also lists these training arguments (as a user adds them)."""
+    from tests.conftest import ROOT
+
+    text = (ROOT / "pyproject.toml").read_text()
+    import json
+
+    lines = "".join(f"train.training-arguments.{k} = {json.dumps(v)}\n" for k, v in extra.items())
+    anchor = "train.training-arguments.report-to"
+    (tmp_path / "pyproject.toml").write_text(text.replace(anchor, lines + anchor, 1))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ("train.training-arguments.lr-scheduler-type='bogus'",
+         "error: train.training-arguments.lr-scheduler-type='bogus': bogus is not a valid SchedulerType"),
+        ("train.training-arguments.optim='adamw_bogus'",
+         "error: train.training-arguments.optim='adamw_bogus': adamw_bogus is not a valid OptimizerNames"),
+        # TRL refuses load_best_model_at_end unless saving follows evaluation; the app never saves during a round
+        ("train.training-arguments.load-best-model-at-end=true train.training-arguments.eval-strategy='steps'",
+         "error: train.training-arguments.eval-strategy='steps' with train.training-arguments.load-best-model-at-end="
+         "True: --load_best_model_at_end requires the save and eval strategy to match"),
+    ],
+)
+def test_check_refuses_what_trl_refuses_naming_the_key(
+    run_config: str, message: str, tmp_path, capsys: pytest.CaptureFixture[str]  # noqa: ANN001
+) -> None:
+    from flowertune_llm.cli import main
+
+    app = app_with_training_arguments(tmp_path, optim="adamw_torch", **{"load-best-model-at-end": False},
+                                      **{"eval-strategy": "no"})
+    assert main(["check", "--app", str(app), "num-server-rounds=3"]) == 0  # the added defaults are valid
+    capsys.readouterr()
+    assert main(["check", "--app", str(app), run_config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1 and len(err) < 320, err
+
+
+def test_the_shipped_training_arguments_pass_trls_checks() -> None:
+    from flowertune_llm.train import check_training_arguments
+
+    check_training_arguments(parse_config(default_run_config()))

@@ -248,7 +248,7 @@ def test_round_memory_reports_the_peak_of_the_round_not_of_the_process() -> None
     if memory.reset:  # Linux: the high-water mark was reset when the round began
         import psutil
 
-        assert peak < psutil.Process().memory_info().rss / 1e6 + 150  # not the earlier 200 MB peak on top
+        assert peak < psutil.Process().memory_info().rss / 2**20 + 150  # not the earlier 200 MB peak on top
     assert peak > 0
 
 

@@ -256,8 +256,12 @@ def test_cli_writes_leaderboard_files_and_scores_an_adapter(
     assert code == 0
     for cat in ("stem", "social_sciences", "humanities"):
         assert (out / f"acc_mmlu_{cat}_t.txt").read_text().startswith("Accuracy: ")
-        lines = (out / f"generation_mmlu_{cat}_t.jsonl").read_text().splitlines()
-        assert len(lines) == 3 and {"prompt", "gold", "output", "correct"} <= set(json.loads(lines[0]))
+        # as the official save_results writes it: one JSON array of {prompt (no chat wrapper), gold, subset, output}
+        records = json.loads((out / f"generation_mmlu_{cat}_t.jsonl").read_text())
+        assert isinstance(records, list) and len(records) == 3
+        assert list(records[0])[:4] == ["prompt", "gold", "subset", "output"] and "correct" in records[0]
+        assert records[0]["prompt"].startswith("Answer the following multiple choice question.\nQuestion: ")
+        assert records[0]["prompt"].endswith("\nThe answer is:\n") and "<|im_start|>" not in records[0]["prompt"]
     summary = json.loads((out / "results.json").read_text())
     assert summary["questions"] == 9 and summary["average"] is not None
     assert summary["batching"] in ("exact", "one-at-a-time")
@@ -340,3 +344,29 @@ def test_dora_norm_cache_gives_bit_identical_logits_and_follows_adapter_swaps(
         assert cached[0] == plain[0] and torch.equal(cached[1], plain[1])
         logits.append(cached[1])
     assert not torch.equal(logits[0], logits[1])  # the swap really changed the model (and the cache followed)
+
+
+@pytest.mark.parametrize("dora", [True, False])
+def test_the_official_evaluators_stack_loads_a_checkpoint_and_computes_our_logits(
+    tmp_path: Path, tiny_llama_dir: Path, official_stack: Path, dora: bool
+) -> None:
+    """peft 0.14.0 + transformers 4.53 (4-bit fp4, float32, as the official eval.py) on a saved LoRA/DoRA checkpoint:
+    the same answer-position logits as flowertune-eval (checkpoints of a real `flwr run`: the e2e sweep test)."""
+    from flowertune_llm.checkpoint import save_adapter
+    from flowertune_llm.config import parse_config
+    from flowertune_llm.models import initial_adapter
+    from tests.conftest import tiny_run_config
+    from tests.official_evaluator import official_logits, our_logits
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"model.lora.use-dora": dora}))
+    state, peft_config = initial_adapter(cfg.model, 0)
+    torch.manual_seed(0)  # a trained-looking adapter
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}
+    folder = save_adapter(tmp_path / "peft_1", state, peft_config, {})
+    prompts = [build_prompt("What is 2 + 2?", ["3", "4", "5", "6"]),
+               build_prompt("Which planet is largest?", ["Mars", "Venus", "Jupiter", "Earth"])]
+    theirs = official_logits(official_stack, str(tiny_llama_dir), str(folder), prompts, tmp_path / "official.pt")
+    assert theirs["versions"] == ["4.53.0", "0.14.0"]
+    ours = our_logits(str(tiny_llama_dir), str(folder), prompts)
+    assert (theirs["logits"].argmax(-1) == ours.argmax(-1)).all()
+    assert (theirs["logits"] - ours).abs().max().item() < 1e-4

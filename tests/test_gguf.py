@@ -78,3 +78,33 @@ def test_one_gguf_in_two_places_is_one_import_in_its_own_float_type(
     assert json.loads((smollm2_model_dir / "config.json").read_text())["dtype"] == "bfloat16"
     weights = sum(p.stat().st_size for p in smollm2_model_dir.glob("*.safetensors"))
     assert weights < 300 * 2**20, weights
+
+
+def test_an_imported_folder_states_its_rope_theta_for_transformers_4_too(smollm2_model_dir: Path) -> None:
+    """transformers 5 writes the rope setting only as `rope_parameters`, which transformers 4.x ignores (it would
+    compute with theta 10,000); the import also writes `rope_theta`, as the hub's config.json does."""
+    import json
+
+    from transformers import AutoConfig
+
+    written = json.loads((smollm2_model_dir / "config.json").read_text())
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == 100000.0
+    assert AutoConfig.from_pretrained(smollm2_model_dir).rope_parameters["rope_theta"] == 100000.0
+
+
+def test_an_imported_folder_is_the_same_model_for_transformers_4(
+    smollm2_model_dir: Path, official_stack: Path, tmp_path: Path
+) -> None:
+    """The official evaluator's transformers 4.53 loads the import (tokenizer included) and computes what
+    transformers 5 computes: the answer-position logits of three MMLU-style prompts, full precision."""
+    from flowertune_llm.evaluate.protocol import build_prompt
+    from tests.official_evaluator import official_logits, our_logits
+
+    prompts = [build_prompt("What is 2 + 2?", ["3", "4", "5", "6"]),
+               build_prompt("Which planet is largest?", ["Mars", "Venus", "Jupiter", "Earth"]),
+               build_prompt("The capital of France is", ["Rome", "Paris", "Berlin", "Madrid"])]
+    theirs = official_logits(official_stack, str(smollm2_model_dir), None, prompts, tmp_path / "old.pt", quantization=0)
+    assert theirs["versions"][0] == "4.53.0" and theirs["tokenizer"] == "PreTrainedTokenizerFast"
+    ours = our_logits(str(smollm2_model_dir), None, prompts, quantization=0)
+    assert (theirs["logits"].argmax(-1) == ours.argmax(-1)).all()
+    assert (theirs["logits"] - ours).abs().max().item() < 1e-3

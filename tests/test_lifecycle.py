@@ -13,12 +13,14 @@ import torch
 from flwr.app import ConfigRecord
 from safetensors.torch import load_file
 
-from flowertune_llm.checkpoint import checkpoint_metadata, latest_checkpoint, load_resume, save_adapter
+from flowertune_llm.checkpoint import checkpoint_metadata, load_resume, save_adapter
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.devices import default_device
-from flowertune_llm.metrics import RunLog, read_metrics
+from flowertune_llm.metrics import RunLog
+from flowertune_llm.rundir import latest_checkpoint, read_metrics
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
-from flowertune_llm.strategy import FlowerTuneFedAvg, RoundLog, sample_round
+from flowertune_llm.schedule import sample_round
+from flowertune_llm.strategy import FlowerTuneFedAvg, RoundLog
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
 from tests.conftest import ROOT, tiny_run_config
 from tests.test_strategy import FakeGrid, reply, smollm2_adapter, task_identity  # noqa: F401

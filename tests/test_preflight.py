@@ -199,3 +199,18 @@ def test_known_third_party_notices_are_dropped_and_other_lines_kept() -> None:
         warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("something the user should see", FutureWarning)
     assert [str(w.message) for w in caught] == ["something the user should see"]
+
+
+def test_a_training_argument_trl_refuses_stops_the_server_before_any_model_loads(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flowertune_llm.server_app as app_module
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(app_module, "initial_adapter", never)
+    overrides = {"train.training-arguments.lr-scheduler-type": "bogus", "eval.every-round": 1}
+    with pytest.raises(ConfigError, match=r"^train.training-arguments.lr-scheduler-type='bogus': bogus is not a valid"):
+        run_server(tiny_run_config(tiny_llama_dir, **overrides), tmp_path)
+    assert not (tmp_path / "results").exists()

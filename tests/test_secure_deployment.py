@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from flowertune_llm.cli import main as flowertune_cli
 from flowertune_llm.config import parse_config
-from flowertune_llm.metrics import read_metrics
+from flowertune_llm.rundir import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
 from tests.conftest import ROOT, tiny_overrides, tiny_run_config
 from flowertune_llm.config import run_config_arg

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from flowertune_llm.evaluate.data import DEFAULT_DATA, Question, by_category, load_questions
+from flowertune_llm.evaluate.data import DEFAULT_DATA, Question, by_category, load_questions, split_of
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.evaluate.runner import EvalResult, evaluate_questions, load_model, write_outputs
-from flowertune_llm.gguf import resolve_model_path
+from flowertune_llm.gguf import model_content_key, resolve_model_path
 from flowertune_llm.hub import require_hub_or_cache
 from flowertune_llm.devices import default_device, hardware
 from flowertune_llm.models import AdapterState, set_adapter_state
@@ -47,8 +47,12 @@ def evaluate_mmlu(
             "device": device,
             "data": data,
             "limit": limit,
-            # identifies the checkpoint: `flowertune-llm submission` reuses this evaluation only for the same bytes
+            "split": split_of(data),
+            # identity by content: `flowertune-llm submission` reuses this evaluation only for the same adapter
+            # weights and config on the same base weights (rules.evaluation_violations checks the rest)
             "adapter_sha256": adapter_sha256(peft_path) if peft_path else None,
+            "adapter_config_sha256": adapter_config_sha256(peft_path) if peft_path else None,
+            "base_model_sha256": model_content_key(base_model),
             "hardware": hardware(device),
         }
         write_outputs(result, run_name, Path(output_dir), extra)
@@ -60,6 +64,20 @@ def adapter_sha256(peft_path: str | Path) -> str:
     from flowertune_llm.gguf import content_hash
 
     return content_hash(Path(peft_path) / "adapter_model.safetensors")
+
+
+#: adapter_config.json fields that do not change what the adapter computes (where it was trained, versions).
+_ADAPTER_CONFIG_BOOKKEEPING = ("base_model_name_or_path", "revision", "peft_version", "auto_mapping")
+
+
+def adapter_config_sha256(peft_path: str | Path) -> str:
+    """SHA-256 of the adapter config's computing fields (r, lora_alpha, use_dora, target modules, ...)."""
+    import hashlib
+    import json
+
+    config = json.loads((Path(peft_path) / "adapter_config.json").read_text())
+    kept = {k: v for k, v in config.items() if k not in _ADAPTER_CONFIG_BOOKKEEPING}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class AdapterScorer:

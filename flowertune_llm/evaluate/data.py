@@ -90,6 +90,16 @@ def _local_files(path: Path, split: str, key: str) -> list[Path]:
     return files
 
 
+def split_of(data: str, split: str = "test") -> str:
+    """Which MMLU split `load_questions(data, split)` reads: the split asked for from a hub id or a folder; for a
+    single file, what its name says ("test", "validation", "dev"), else "unknown"."""
+    path = Path(data).expanduser()
+    if not path.is_file():
+        return split
+    name = path.name.lower()
+    return next((s for key, s in (("test", "test"), ("val", "validation"), ("dev", "dev")) if key in name), "unknown")
+
+
 def load_questions(data: str = DEFAULT_DATA, split: str = "test", key: str = "--data") -> list[Question]:
     """All questions of a split from a hub id, or from a local file (any split) or folder."""
     path = Path(data).expanduser()

@@ -52,9 +52,14 @@ def format_mcq(question: str, options: list[str]) -> str:
     return "Question: " + question + "\n\nOptions:\n" + options_str
 
 
+def question_text(question: str, options: list[str]) -> str:
+    """The instruction lines around the MCQ: the official generation files' `prompt` (no chat wrapper)."""
+    return f"{SYSTEM_LINE}\n{format_mcq(question, options)}\n{USER_LINE}\n"
+
+
 def build_prompt(question: str, options: list[str]) -> str:
-    """The full model input: instruction lines around the MCQ, in the protocol's chat wrapper."""
-    return qa_prompt(f"{SYSTEM_LINE}\n{format_mcq(question, options)}\n{USER_LINE}\n")
+    """The full model input: `question_text` in the protocol's chat wrapper."""
+    return qa_prompt(question_text(question, options))
 
 
 def parse_prediction(output: str) -> str:

@@ -31,6 +31,7 @@ from flowertune_llm.evaluate.protocol import (
     build_prompt,
     is_correct,
     parse_prediction,
+    question_text,
 )
 from flowertune_llm.gguf import imported_source, model_identity
 
@@ -461,10 +462,10 @@ def evaluate_questions(
                        letters, show_progress)
     results: dict[str, CategoryResult] = {c: CategoryResult(c, 0, 0) for c in questions}
     for (category, q), prompt, out, row in zip(items, prompts, outputs, letter_logits):
-        record = {
-            "subject": q.subject,
-            "prompt": prompt,
+        record = {  # the official file's fields first (its `prompt` has no chat wrapper), then diagnostics
+            "prompt": question_text(q.question, list(q.options)),
             "gold": q.answer,
+            "subset": q.subject,
             "output": out,
             "prediction": parse_prediction(out),
             "correct": is_correct(out, q.answer),
@@ -482,9 +483,8 @@ def write_outputs(result: EvalResult, run_name: str, output_dir: Path, extra: di
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, cat in result.categories.items():
         (output_dir / f"acc_mmlu_{name}_{run_name}.txt").write_text(f"Accuracy: {cat.accuracy}. ")
-        with open(output_dir / f"generation_mmlu_{name}_{run_name}.jsonl", "w") as fh:
-            for rec in cat.records:
-                fh.write(json.dumps(rec) + "\n")
+        # as the official save_results writes it (pandas' to_json, orient="records"): one JSON array
+        (output_dir / f"generation_mmlu_{name}_{run_name}.jsonl").write_text(json.dumps(cat.records))
     summary = {"run_name": run_name, **extra, **result.summary()}
     path = output_dir / "results.json"
     path.write_text(json.dumps(summary, indent=2))

@@ -36,7 +36,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flowertune_llm import client_app, server_app
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
-from flowertune_llm.metrics import read_metrics
+from flowertune_llm.rundir import read_metrics
 from flowertune_llm.prompts import PROMPT_TEMPLATES
 from tests.benchmarks import machine
 from tests.conftest import ALPACA_SUBSET, MMLU_VAL, default_run_config
@@ -67,13 +67,12 @@ class InProcessGrid:
         return replies
 
 
-def run_template(template: str, args: argparse.Namespace, model: str, out: Path) -> dict:
-    """One federated run through ServerApp.main (args.rounds x args.steps); its metrics.jsonl lines and wall time."""
-    overrides = {
+def proxy_overrides(args: argparse.Namespace, model: str, template: str, dataset: Path, out: Path) -> dict:
+    """The CPU proxy's run config (args.rounds x args.steps at a raised learning rate), shared by the benchmarks."""
+    return {
         "model.name": model,
-        "static.dataset.name": str(ALPACA_SUBSET),
+        "static.dataset.name": str(dataset),
         "num-server-rounds": args.rounds,
-        "train.save-every-round": args.rounds,
         "train.prompt-template": template,
         "train.seq-length": args.seq_length,
         "train.learning-rate-max": args.lr_max,
@@ -85,8 +84,14 @@ def run_template(template: str, args: argparse.Namespace, model: str, out: Path)
         "eval.every-round": args.eval_every,
         "eval.questions": args.questions,
         "eval.data": str(args.eval_data),
-        "train.output-dir": str(out / template),
+        "train.output-dir": str(out),
     }
+
+
+def run_template(template: str, args: argparse.Namespace, model: str, out: Path) -> dict:
+    """One federated run through ServerApp.main (args.rounds x args.steps); its metrics.jsonl lines and wall time."""
+    overrides = {**proxy_overrides(args, model, template, ALPACA_SUBSET, out / template),
+                 "train.save-every-round": args.rounds}
     if args.mcq_fraction is not None:
         overrides["train.mcq-fraction"] = args.mcq_fraction
     run_config = default_run_config(**overrides)
