@@ -1,4 +1,4 @@
-"""Every prompt format in one place, imported by training and evaluation alike.
+"""Training's prompt formats, built on the MMLU protocol (evaluate/protocol.py, a leaf) and never the other way round.
 
 - ``alpaca``: the FlowerTune reference format (instruction, optional input, "### Response:").
 - ``chat``: the model's own chat template (TRL's conversational prompt/completion rows).
@@ -16,30 +16,24 @@ from typing import Any
 
 import numpy as np
 
+from flowertune_llm.evaluate.protocol import LETTERS, mcq_prompt, qa_prompt
+
 PROMPT_TEMPLATES = ("alpaca", "chat", "qa", "mcq")
-LETTERS = "ABCD"
 
 #: The Alpaca prompt. Unlike the original FlowerTune template, the ``input`` text is kept.
 PROMPT_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
 )
-#: The FlowerTune General-NLP evaluation's wrapper around a question (and the ``qa`` format's).
-QA_WRAPPER = "<|im_start|>question\n{question}<|im_end|>\n<|im_start|>answer\n"
 
 
-def build_prompt(instruction: str, input_text: str = "") -> str:
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     """The Alpaca prompt up to and including the response header (training and inference)."""
     parts = [PROMPT_PREAMBLE, f"### Instruction:\n{instruction.strip()}"]
     if input_text and input_text.strip():
         parts.append(f"### Input:\n{input_text.strip()}")
     parts.append("### Response:\n")
     return "\n\n".join(parts)
-
-
-def qa_prompt(question: str) -> str:
-    """A question in the protocol's wrapper, ending where the model's answer starts."""
-    return QA_WRAPPER.format(question=question)
 
 
 def user_text(instruction: str, input_text: str = "") -> str:
@@ -58,7 +52,7 @@ def to_prompt_completion(row: dict[str, str], template: str = "alpaca") -> dict[
     """
     instruction, input_text, output = row["instruction"], row.get("input") or "", row["output"].strip()
     if template == "alpaca":
-        return {"prompt": build_prompt(instruction, input_text), "completion": output}
+        return {"prompt": alpaca_prompt(instruction, input_text), "completion": output}
     if template == "qa":  # the protocol's questions end with a newline before <|im_end|>
         return {"prompt": qa_prompt(user_text(instruction, input_text) + "\n"), "completion": output}
     if template == "chat":
@@ -87,14 +81,12 @@ def mcq_examples(
     Deterministic given (seed, partition_id) and the rows: every random draw of a row is made
     whether or not the row becomes a question, so one row's fate never shifts another's. A
     question's options are its own output and the outputs of three other rows of the partition
-    (distinct texts, each on one line), in the evaluation protocol's prompt (`evaluate.protocol.build_prompt`), with
+    (distinct texts, each on one line), in the evaluation protocol's prompt (`evaluate.protocol.mcq_prompt`), with
     the gold position uniform over A-D; the completion is the gold letter (TRL adds the end token).
     `fits(prompt, completion)` says whether an example fits `train.seq-length`; when it does not,
     every option is cut to the same number of tokens with `shorten(text, tokens)`, halving until
     it fits, never the question; a row that still does not fit stays in ``qa`` form.
     """
-    from flowertune_llm.evaluate.protocol import build_prompt as protocol_prompt
-
     rng = np.random.default_rng([seed, partition_id, 0x6D6371])  # "mcq"
     outputs = [one_line(row["output"]) for row in rows]  # an option is one line, as in MMLU
     examples = []
@@ -114,11 +106,11 @@ def mcq_examples(
             continue
         options = distractors[:gold] + [outputs[i]] + distractors[gold:]
         question = user_text(row["instruction"], row.get("input") or "")
-        example = {"prompt": protocol_prompt(question, options), "completion": LETTERS[gold]}
+        example = {"prompt": mcq_prompt(question, options), "completion": LETTERS[gold]}
         limit = max(len(o) for o in options)  # tokens never outnumber characters
         while not fits(example["prompt"], example["completion"]) and limit > 1:
             limit //= 2
             cut = [shorten(o, limit) for o in options]
-            example = {"prompt": protocol_prompt(question, cut), "completion": LETTERS[gold]}
+            example = {"prompt": mcq_prompt(question, cut), "completion": LETTERS[gold]}
         examples.append(example if fits(example["prompt"], example["completion"]) else qa)
     return examples

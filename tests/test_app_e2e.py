@@ -72,7 +72,7 @@ def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
     """The README's offline demo, shortened to 1 round: GGUF weights, 4-bit, CPU, local data."""
     from transformers import AutoTokenizer
 
-    from flowertune_llm.prompts import build_prompt
+    from flowertune_llm.prompts import alpaca_prompt
 
     overrides = {
         "model.name": str(smollm2_gguf),
@@ -103,7 +103,7 @@ def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
     state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
     save_adapter(tmp_path / "peft_0", state, peft_config, {})
     tok = AutoTokenizer.from_pretrained(smollm2_model_dir)
-    ids = tok(build_prompt("Name three primary colors."), return_tensors="pt")
+    ids = tok(alpaca_prompt("Name three primary colors."), return_tensors="pt")
     logits = {}
     for name in ("peft_0", "trained"):
         folder = tmp_path / "peft_0" if name == "peft_0" else checkpoint
@@ -294,12 +294,12 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
     # The official evaluator (peft 0.14.0, transformers 4.53, 4-bit fp4, float32) loads a DoRA and a LoRA checkpoint
     # of these runs and computes the answer-position logits flowertune-eval computes.
     from flowertune_llm.evaluate.data import load_questions
-    from flowertune_llm.evaluate.protocol import build_prompt
+    from flowertune_llm.evaluate.protocol import mcq_prompt
     from tests.conftest import MMLU_DIR
     from tests.official_evaluator import official_logits, our_logits
 
     questions = load_questions(str(MMLU_DIR / "mmlu_test.jsonl"))[::2000][:6]
-    prompts = [build_prompt(q.question, list(q.options)) for q in questions]
+    prompts = [mcq_prompt(q.question, list(q.options)) for q in questions]
     checked = set()
     for run_dir, config in zip(run_dirs, configs):
         dora = config["run"]["run_config"]["model.lora.use-dora"]

@@ -9,12 +9,13 @@ import pytest
 
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.dataset import federated_dataset, load_partition, resolve_source, validate_dataset
-from flowertune_llm.prompts import PROMPT_PREAMBLE, PROMPT_TEMPLATES, build_prompt, qa_prompt, to_prompt_completion
+from flowertune_llm.evaluate.protocol import qa_prompt
+from flowertune_llm.prompts import PROMPT_PREAMBLE, PROMPT_TEMPLATES, alpaca_prompt, to_prompt_completion
 from tests.conftest import ALPACA_SUBSET, tiny_run_config
 
 
 def test_prompt_without_input_is_the_alpaca_template() -> None:
-    assert build_prompt("Name a color.") == (
+    assert alpaca_prompt("Name a color.") == (
         f"{PROMPT_PREAMBLE}\n\n### Instruction:\nName a color.\n\n### Response:\n"
     )
 
@@ -118,7 +119,7 @@ def _mcq_rows(tiny_llama_dir: Path, seq_length: int = 512, fraction: float = 1.0
 def test_an_mcq_example_is_the_protocols_question_with_the_gold_letter_and_the_loss_on_letter_and_end_token(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
-    from flowertune_llm.evaluate.protocol import build_prompt as protocol_prompt
+    from flowertune_llm.evaluate.protocol import mcq_prompt
     from flowertune_llm.models import initial_adapter
     from flowertune_llm.prompts import one_line, user_text
     from flowertune_llm.train import make_trainer
@@ -136,7 +137,7 @@ def test_an_mcq_example_is_the_protocols_question_with_the_gold_letter_and_the_l
     others = {one_line(o["output"]) for j, o in enumerate(originals) if j != i}
     assert all(o in others for k, o in enumerate(options) if k != gold)  # distractors: this partition's outputs
     question = user_text(originals[i]["instruction"], originals[i]["input"])
-    assert example["prompt"] == protocol_prompt(question, options)  # the evaluation's own builder
+    assert example["prompt"] == mcq_prompt(question, options)  # the evaluation's own builder
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"train.prompt-template": "mcq", "train.seq-length": 512}))
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     trainer = make_trainer(cfg, start, _mcq_rows(tiny_llama_dir).select([i]), 1e-3, str(tmp_path))

@@ -17,7 +17,7 @@ from flowertune_llm.evaluate.protocol import (
     FULL_TEST_COUNTS,
     LEADERBOARD_CATEGORIES,
     MMLU_CATEGORIES,
-    build_prompt,
+    mcq_prompt,
     format_mcq,
     is_correct,
     parse_prediction,
@@ -37,7 +37,7 @@ MMLU_TEST = MMLU_DIR / "mmlu_test.jsonl"
 
 
 def test_prompt_is_the_protocol_string() -> None:
-    assert build_prompt("What is 2+2", ["1", "2", "3", "4"]) == (
+    assert mcq_prompt("What is 2+2", ["1", "2", "3", "4"]) == (
         "<|im_start|>question\n"
         "Answer the following multiple choice question.\n"
         "Question: What is 2+2?\n\nOptions:\nA. 1\nB. 2\nC. 3\nD. 4\n"
@@ -166,7 +166,7 @@ def _answers(result) -> list[tuple[str, str]]:
 
 def _probe_is_truthful(model, tok, questions, check) -> None:
     """Recompute the probe's comparison with plain forward passes: it must agree with the verdict."""
-    prompts = [build_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
+    prompts = [mcq_prompt(q.question, list(q.options)) for qs in questions.values() for q in qs]
     encoded = [tok(p).input_ids for p in prompts]
     picked = sorted((encoded[i] for i in probe_prompts([len(e) for e in encoded], 12)), key=len)
     batched = torch.cat([_last_logits(model, tok, picked[i : i + 8]) for i in range(0, len(picked), 8)])
@@ -284,7 +284,7 @@ def test_letter_ceiling_and_valid_letters_equal_a_direct_computation(tmp_path: P
     for cat, qs in by_category(load_questions(str(MMLU_TEST)), list(LEADERBOARD_CATEGORIES), 12).items():
         ceiling = valid = 0
         for q in qs:
-            logits = _last_logits(model, tok, [tok(build_prompt(q.question, list(q.options))).input_ids])[0]
+            logits = _last_logits(model, tok, [tok(mcq_prompt(q.question, list(q.options))).input_ids])[0]
             ceiling += "ABCD"[int(logits[letter_ids].argmax())] == q.answer
             valid += parse_prediction(tok.decode([int(logits.argmax())], skip_special_tokens=True)) in ("a", "b", "c", "d")
         diag = summary["diagnostics"]["categories"][cat]
@@ -316,7 +316,7 @@ def test_dora_norm_cache_gives_bit_identical_logits_and_follows_adapter_swaps(
     from flowertune_llm.models import adapter_state
 
     qs = by_category(load_questions(str(MMLU_TEST)), ["stem"], limit=3)["stem"]
-    prompts = [build_prompt(q.question, list(q.options)) for q in qs]
+    prompts = [mcq_prompt(q.question, list(q.options)) for q in qs]
     model, tok = load_model(str(tiny_llama_dir), None, 4, "cpu")
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.075, use_dora=True, task_type="CAUSAL_LM")
     model = get_peft_model(model, config).eval()
@@ -363,8 +363,8 @@ def test_the_official_evaluators_stack_loads_a_checkpoint_and_computes_our_logit
     torch.manual_seed(0)  # a trained-looking adapter
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}
     folder = save_adapter(tmp_path / "peft_1", state, peft_config, {})
-    prompts = [build_prompt("What is 2 + 2?", ["3", "4", "5", "6"]),
-               build_prompt("Which planet is largest?", ["Mars", "Venus", "Jupiter", "Earth"])]
+    prompts = [mcq_prompt("What is 2 + 2?", ["3", "4", "5", "6"]),
+               mcq_prompt("Which planet is largest?", ["Mars", "Venus", "Jupiter", "Earth"])]
     theirs = official_logits(official_stack, str(tiny_llama_dir), str(folder), prompts, tmp_path / "official.pt")
     assert theirs["versions"] == ["4.53.0", "0.14.0"]
     ours = our_logits(str(tiny_llama_dir), str(folder), prompts)

@@ -97,12 +97,12 @@ def test_an_imported_folder_is_the_same_model_for_transformers_4(
 ) -> None:
     """The official evaluator's transformers 4.53 loads the import (tokenizer included) and computes what
     transformers 5 computes: the answer-position logits of three MMLU-style prompts, full precision."""
-    from flowertune_llm.evaluate.protocol import build_prompt
+    from flowertune_llm.evaluate.protocol import mcq_prompt
     from tests.official_evaluator import official_logits, our_logits
 
-    prompts = [build_prompt("What is 2 + 2?", ["3", "4", "5", "6"]),
-               build_prompt("Which planet is largest?", ["Mars", "Venus", "Jupiter", "Earth"]),
-               build_prompt("The capital of France is", ["Rome", "Paris", "Berlin", "Madrid"])]
+    prompts = [mcq_prompt("What is 2 + 2?", ["3", "4", "5", "6"]),
+               mcq_prompt("Which planet is largest?", ["Mars", "Venus", "Jupiter", "Earth"]),
+               mcq_prompt("The capital of France is", ["Rome", "Paris", "Berlin", "Madrid"])]
     theirs = official_logits(official_stack, str(smollm2_model_dir), None, prompts, tmp_path / "old.pt", quantization=0)
     assert theirs["versions"][0] == "4.53.0" and theirs["tokenizer"] == "PreTrainedTokenizerFast"
     ours = our_logits(str(smollm2_model_dir), None, prompts, quantization=0)

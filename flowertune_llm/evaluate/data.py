@@ -8,10 +8,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowertune_llm.evaluate.protocol import MMLU_CATEGORIES, SUBJECT_TO_CATEGORY
+from flowertune_llm.evaluate.protocol import LETTERS, MMLU_CATEGORIES, SUBJECT_TO_CATEGORY
 
 DEFAULT_DATA = "cais/mmlu"
-LETTERS = ("A", "B", "C", "D")
 #: Split name -> (jsonl glob, Hendrycks CSV glob) that find its files in a local folder.
 SPLIT_FILES = {"test": ("*test*.jsonl", "*_test.csv"), "validation": ("*val*.jsonl", "*_val.csv")}
 

@@ -1,10 +1,19 @@
-"""The FlowerTune General-NLP MMLU protocol: categories, prompt, answer parsing (defined once)."""
+"""The FlowerTune General-NLP MMLU protocol: categories and counts, letters, prompt, answer parsing (defined once).
+
+A leaf: it imports nothing from this package, so training's prompt formats (prompts.py), the
+rules and the evaluation all build on it without a cycle.
+"""
 
 from __future__ import annotations
 
 import re
 
-from flowertune_llm.prompts import qa_prompt
+#: The option letters, in order.
+LETTERS = ("A", "B", "C", "D")
+#: The same as the parser returns them (lower case): a "valid letter" is one of these.
+ANSWER_LETTERS = tuple(letter.lower() for letter in LETTERS)
+#: The evaluation's wrapper around a question (also the `qa` training format's).
+QA_WRAPPER = "<|im_start|>question\n{question}<|im_end|>\n<|im_start|>answer\n"
 
 #: The protocol's own category lists (not Hendrycks'); the leaderboard averages the first three.
 MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -41,7 +50,7 @@ SUBJECT_TO_CATEGORY = {s: c for c, subjects in MMLU_CATEGORIES.items() for s in 
 
 SYSTEM_LINE = "Answer the following multiple choice question."
 USER_LINE = "The answer is:"
-VALID_PREDICTIONS = ("a", "b", "c", "d", "e", "yes", "no")
+VALID_PREDICTIONS = (*ANSWER_LETTERS, "e", "yes", "no")
 
 
 def format_mcq(question: str, options: list[str]) -> str:
@@ -52,12 +61,17 @@ def format_mcq(question: str, options: list[str]) -> str:
     return "Question: " + question + "\n\nOptions:\n" + options_str
 
 
+def qa_prompt(question: str) -> str:
+    """A question in the protocol's wrapper, ending where the model's answer starts."""
+    return QA_WRAPPER.format(question=question)
+
+
 def question_text(question: str, options: list[str]) -> str:
     """The instruction lines around the MCQ: the official generation files' `prompt` (no chat wrapper)."""
     return f"{SYSTEM_LINE}\n{format_mcq(question, options)}\n{USER_LINE}\n"
 
 
-def build_prompt(question: str, options: list[str]) -> str:
+def mcq_prompt(question: str, options: list[str]) -> str:
     """The full model input: `question_text` in the protocol's chat wrapper."""
     return qa_prompt(question_text(question, options))
 

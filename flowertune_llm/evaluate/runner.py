@@ -25,11 +25,13 @@ from transformers import (
 
 from flowertune_llm.devices import require_protocol_arithmetic, use_protocol_arithmetic
 from flowertune_llm.evaluate.attention import batch_invariant, use_exact_batching
-from flowertune_llm.evaluate.data import LETTERS, Question
+from flowertune_llm.evaluate.data import Question
 from flowertune_llm.evaluate.protocol import (
     LEADERBOARD_CATEGORIES,
-    build_prompt,
+    ANSWER_LETTERS,
+    LETTERS,
     is_correct,
+    mcq_prompt,
     parse_prediction,
     question_text,
 )
@@ -69,7 +71,7 @@ class CategoryResult:
     @property
     def valid_letter_rate(self) -> float:
         """Share of outputs the protocol's parser turns into a, b, c or d (format, not knowledge)."""
-        return self._share(lambda r: r["prediction"] in ("a", "b", "c", "d"))
+        return self._share(lambda r: r["prediction"] in ANSWER_LETTERS)
 
     @property
     def letter_ceiling(self) -> float:
@@ -78,14 +80,14 @@ class CategoryResult:
 
     def diagnostics(self) -> dict:
         """Valid-letter rate, letter ceiling, predicted vs gold letters, the commonest outputs."""
-        preds = Counter(r["prediction"] if r["prediction"] in ("a", "b", "c", "d") else "other" for r in self.records)
+        preds = Counter(r["prediction"] if r["prediction"] in ANSWER_LETTERS else "other" for r in self.records)
         gold = Counter(r["gold"].lower() for r in self.records)
         n = max(len(self.records), 1)
         return {
             "valid_letter_rate": self.valid_letter_rate,
             "letter_ceiling": self.letter_ceiling,
-            "predicted_letters": {k: preds[k] / n for k in ("a", "b", "c", "d", "other")},
-            "gold_letters": {k: gold[k] / n for k in ("a", "b", "c", "d")},
+            "predicted_letters": {k: preds[k] / n for k in (*ANSWER_LETTERS, "other")},
+            "gold_letters": {k: gold[k] / n for k in ANSWER_LETTERS},
             "top_outputs": Counter(r["output"] for r in self.records).most_common(3),
         }
 
@@ -448,7 +450,7 @@ def evaluate_questions(
     require_protocol_arithmetic(model)  # the guard: no 4-bit layer on the fused bf16 CPU kernel
     start = time.perf_counter()
     items = [(category, q) for category, qs in questions.items() for q in qs]
-    prompts = [build_prompt(q.question, list(q.options)) for _, q in items]
+    prompts = [mcq_prompt(q.question, list(q.options)) for _, q in items]
     letters = letter_token_ids(tokenizer)
     # max_new_tokens = tokens of the gold letter (1 for SmolLM2); group equal lengths.
     new_tokens = [len(tokenizer(q.answer, add_special_tokens=False).input_ids) for _, q in items]

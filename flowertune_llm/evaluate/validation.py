@@ -13,7 +13,7 @@ from peft import LoraConfig
 from flowertune_llm.config import Config, ConfigError, EvalSettings
 from flowertune_llm.evaluate.api import AdapterScorer
 from flowertune_llm.evaluate.data import EvalDataError, Question, by_category, load_questions, stratified_sample
-from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
+from flowertune_llm.evaluate.protocol import ANSWER_LETTERS, LEADERBOARD_CATEGORIES
 from flowertune_llm.models import AdapterState
 
 KEY = "eval.data"
@@ -62,7 +62,7 @@ class Validator:
             val_letter_ceiling=result.letter_ceiling,
             val_questions=sum(c.total for c in result.categories.values()),
             val_predicted_letters={  # mean share over the three categories (diagnostic)
-                k: sum(d[k] for d in predicted) / len(predicted) for k in ("a", "b", "c", "d", "other")
+                k: sum(d[k] for d in predicted) / len(predicted) for k in (*ANSWER_LETTERS, "other")
             },
             val_by_category={  # per category: valid letters, predicted and gold letter shares (diagnostic)
                 name: {k: d[k] for k in ("valid_letter_rate", "letter_ceiling", "predicted_letters", "gold_letters")}

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from flowertune_llm.evaluate.data import by_category, load_questions
-from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, build_prompt
+from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, mcq_prompt
 from flowertune_llm.evaluate.runner import check_batching, generate, load_model
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.devices import default_device
@@ -40,7 +40,7 @@ def main() -> int:
     per_cat = -(-args.questions // len(LEADERBOARD_CATEGORIES))
     grouped = by_category(load_questions(args.data), list(LEADERBOARD_CATEGORIES), per_cat)
     items = [q for qs in grouped.values() for q in qs][: args.questions]
-    prompts = [build_prompt(q.question, list(q.options)) for q in items]
+    prompts = [mcq_prompt(q.question, list(q.options)) for q in items]
     model, tok = load_model(str(import_gguf(fetch_smollm2_gguf())), None, 4, args.device)
     generate(model, tok, prompts[:2], 1, 2)  # warm-up
     t0 = time.perf_counter()
