@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import flowertune_llm.ml_stack  # noqa: F401  first: Flower imports both apps at once (see ml_stack.py)
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod

@@ -268,7 +268,8 @@ def rows(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
             "wall_s": run.wall_time_s,
         })
     columns = ["run", "status", "base_model", *keys, "rounds", "rules", "last_train_loss", "best_val_avg", "best_round",
-               "last_val_avg", "valid_letters_at_best", "letter_ceiling_at_best", "rows_covered", "coverage", "comm_mb", "peak_mem_mb", "wall_s"]
+               "last_val_avg", "valid_letters_at_best", "letter_ceiling_at_best", "rows_covered", "coverage", "comm_mb",
+               "peak_mem_mb", "wall_s"]
     return columns, out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from logging import INFO, WARNING
 
+import flowertune_llm.ml_stack  # noqa: F401  first: Flower imports both apps at once (see ml_stack.py)
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+
+import flowertune_llm.ml_stack  # noqa: F401  (progress bars quiet, lazy names resolved)
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from peft import PeftModel
@@ -105,6 +107,10 @@ def check_training_arguments(cfg: Config) -> None:
     The error names the key(s) as run-config keys, with TRL's reason cut to one readable line: a key
     that fails on its own is named alone; one that fails only beside another is named with it.
     """
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    for name, _ in cfg.train.training_arguments:
+        if name not in known:
+            raise ConfigError(f"{training_argument_key(name)}: '{name}' is not a field of trl.SFTConfig")
     user = list(cfg.train.training_arguments)
 
     def failure(arguments: list[tuple[str, Any]]) -> str | None:

@@ -150,12 +150,15 @@ def test_sweep_checks_every_point_before_any_run(tmp_path: Path) -> None:
 def test_sweep_points_from_a_grid_and_a_toml_file(tmp_path: Path) -> None:
     points = grid_points(["train.learning-rate-max=5e-5,2e-4", "train.prompt-template=alpaca,'qa'"])
     assert [p.label for p in points] == [
-        "train.learning-rate-max=5e-05 train.prompt-template='alpaca'", "train.learning-rate-max=5e-05 train.prompt-template='qa'",
-        "train.learning-rate-max=0.0002 train.prompt-template='alpaca'", "train.learning-rate-max=0.0002 train.prompt-template='qa'",
+        "train.learning-rate-max=5e-05 train.prompt-template='alpaca'",
+        "train.learning-rate-max=5e-05 train.prompt-template='qa'",
+        "train.learning-rate-max=0.0002 train.prompt-template='alpaca'",
+        "train.learning-rate-max=0.0002 train.prompt-template='qa'",
     ]
     toml = tmp_path / "points.toml"
     toml.write_text('[grid]\n"train.seed" = [1, 2]\n\n[[point]]\n"train.prompt-template" = "qa"\n"num-server-rounds" = 3\n')
-    assert [p.label for p in file_points(toml)] == ["train.seed=1", "train.seed=2", "train.prompt-template='qa' num-server-rounds=3"]
+    assert [p.label for p in file_points(toml)] == [
+        "train.seed=1", "train.seed=2", "train.prompt-template='qa' num-server-rounds=3"]
 
 
 def test_sweep_reports_a_failed_point_goes_on_and_a_rerun_skips_completed_points(tmp_path: Path) -> None:

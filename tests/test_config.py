@@ -69,8 +69,11 @@ def test_bad_values_name_the_key_and_value(key: str, value: object, fragment: st
 
 
 def test_unknown_training_argument_is_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match="train.training-arguments.no-such-field"):
-        parse_config(default_run_config(**{"train.training-arguments.no-such-field": 1}))
+    from flowertune_llm.train import check_training_arguments
+
+    cfg = parse_config(default_run_config(**{"train.training-arguments.no-such-field": 1}))  # parsing stays light
+    with pytest.raises(ConfigError, match="train.training-arguments.no-such-field: 'no_such_field' is not a field"):
+        check_training_arguments(cfg)
 
 
 def test_training_arguments_owned_by_the_app_point_to_the_right_key() -> None:

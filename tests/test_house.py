@@ -45,3 +45,25 @@ def test_the_package_has_no_import_cycle() -> None:
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_light_commands_load_no_ml_stack() -> None:
+    """`check`, `runs`, `certs` and every `--help` answer without torch, transformers, TRL or Flower's server."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flowertune_llm.cli, flowertune_llm.runs, flowertune_llm.rules, flowertune_llm.config, "
+            "flowertune_llm.certs, flowertune_llm.schedule; "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'flwr') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
+
+
+def test_both_app_modules_import_the_ml_stack_before_anything_else_of_the_package() -> None:
+    """Flower imports the ServerApp and the ClientApp from two threads: the ML stack's lazy names must be resolved
+    under one module lock (ml_stack.py) before either app module touches them."""
+    for app in ("server_app", "client_app"):
+        tree = ast.parse((ROOT / "flowertune_llm" / f"{app}.py").read_text())
+        names = [n.names[0].name if isinstance(n, ast.Import) else n.module
+                 for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert [n for n in names if n.startswith("flowertune_llm")][0] == "flowertune_llm.ml_stack", app

@@ -196,8 +196,9 @@ def test_known_third_party_notices_are_dropped_and_other_lines_kept() -> None:
         from flowertune_llm.logs import quiet_third_party
 
         quiet_third_party()
-        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning)
-        warnings.warn("something the user should see", FutureWarning)
+        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("something the user should see", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something the user should see"]
 
 

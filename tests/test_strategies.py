@@ -183,7 +183,7 @@ def test_dp_clips_every_update_and_adds_noise_of_the_configured_std(tiny) -> Non
     for i, msg in enumerate(messages):
         far = {k: v + (i + 1) * 3.0 for k, v in start.items()}
         out = dp_clipping_mod(msg, Context(1, msg.metadata.dst_node_id, {}, RecordDict(), {}),
-                              lambda m, c: reply(m, state_to_arrays(far), 1.0, 10))
+                              lambda m, c, far=far: reply(m, state_to_arrays(far), 1.0, 10))
         update = {k: v - start[k] for k, v in arrays_to_state(out.content["arrays"]).items()}
         norm = sum((u ** 2).sum().item() for u in update.values()) ** 0.5
         assert norm <= clip * (1 + 1e-5)

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 from flowertune_llm.config import ConfigError
-from flowertune_llm.evaluate.api import evaluate_mmlu
 from flowertune_llm.evaluate.data import DEFAULT_DATA, EvalDataError
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
-from flowertune_llm.evaluate.runner import EvalModelError
 from flowertune_llm.gguf import GgufError
 
 
@@ -61,6 +59,9 @@ def log_warnings_as_lines() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation from parsed flags; print the scores; 2 on bad input."""
+    from flowertune_llm.evaluate.api import evaluate_mmlu  # the ML stack: only once there is something to run
+    from flowertune_llm.evaluate.runner import EvalModelError
+
     log_warnings_as_lines()
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         print("error: --batch-size and --limit must be >= 1", file=sys.stderr)

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from flowertune_llm.devices import require_protocol_arithmetic, use_protocol_arithmetic
+import flowertune_llm.ml_stack  # noqa: F401  (progress bars quiet, lazy names resolved)
 from flowertune_llm.evaluate.attention import batch_invariant, use_exact_batching
 from flowertune_llm.evaluate.data import Question
 from flowertune_llm.evaluate.protocol import (
@@ -463,7 +464,7 @@ def evaluate_questions(
         _generate_rest(model, tokenizer, prompts, new_tokens, check.batch_size, solo, outputs, letter_logits,
                        letters, show_progress)
     results: dict[str, CategoryResult] = {c: CategoryResult(c, 0, 0) for c in questions}
-    for (category, q), prompt, out, row in zip(items, prompts, outputs, letter_logits):
+    for (category, q), out, row in zip(items, outputs, letter_logits):
         record = {  # the official file's fields first (its `prompt` has no chat wrapper), then diagnostics
             "prompt": question_text(q.question, list(q.options)),
             "gold": q.answer,

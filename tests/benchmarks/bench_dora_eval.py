@@ -72,7 +72,8 @@ def main() -> None:
     assert _answers(plain) == _answers(cached), "cached DoRA norm changed an answer"
     print(f"identical answers and letter-ceiling answers: {len(_answers(cached))} of {n}; "
           f"adapter changed {sum(a != b for a, b in zip(_answers(base), _answers(cached)))} answers vs the base")
-    print(f"adapter cost vs base: {plain.wall_time_s / base.wall_time_s:.2f}x uncached, {cached.wall_time_s / base.wall_time_s:.2f}x cached; "
+    print(f"adapter cost vs base: {plain.wall_time_s / base.wall_time_s:.2f}x uncached, "
+          f"{cached.wall_time_s / base.wall_time_s:.2f}x cached; "
           f"caching speed-up {plain.wall_time_s / cached.wall_time_s:.2f}x")
 
 

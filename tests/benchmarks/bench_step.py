@@ -293,7 +293,8 @@ def _run_concurrent(args: argparse.Namespace, tmp: Path) -> list[dict]:
 def _print_side(res: dict) -> None:
     print(f"\n[{res['side']}] {res['settings']}, torch threads {res['threads']}")
     print(f"  {res['s_per_step']:.2f} s/step | {res['tokens_per_step']:.0f} tokens/step, {res['tokens_per_s']:.1f} tokens/s"
-          f" | user {res['user_s_per_step']:.2f} s + sys {res['sys_s_per_step']:.2f} s per step | peak RSS during the timed steps {res['peak_rss_mb']:.0f} MB")
+          f" | user {res['user_s_per_step']:.2f} s + sys {res['sys_s_per_step']:.2f} s per step"
+          f" | peak RSS during the timed steps {res['peak_rss_mb']:.0f} MB")
     if "profile" in res:
         print("  profile of one step (ms, CPU time; nested rows overlap):")
         for name, ms in res["profile"]:
