@@ -100,7 +100,8 @@ def coverage_line(cfg: "Config") -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from flowertune_llm.runs import find_runs, format_table, plot_runs
+    from flowertune_llm.plots import plot_runs
+    from flowertune_llm.runs import find_runs, format_table
 
     problems: list[str] = []
     runs = find_runs([Path(p) for p in args.results_dir or ["results"]], problems)

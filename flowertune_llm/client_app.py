@@ -12,7 +12,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from flowertune_llm.config import parse_config
-from flowertune_llm.models import arrays_to_state, set_process_threads, state_to_arrays
+from flowertune_llm.devices import set_process_threads
+from flowertune_llm.models import arrays_to_state, state_to_arrays
 from flowertune_llm.train import evaluate_adapter, train_one_round
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -70,7 +70,7 @@ class TrainSettings:
     prompt_template: str  # "alpaca", "chat", "qa" or "mcq" (see prompts.py)
     mcq_fraction: float  # mcq: share of rows turned into multiple-choice questions
     dynamic_data_seed: bool  # a new row order each round (schedule.row_order); False: the same order every round
-    release_memory: bool  # CPU: glibc returns large freed buffers at once (train.release_memory_to_os)
+    release_memory: bool  # CPU: glibc returns large freed buffers at once (devices.release_memory_to_os)
     training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
 
     def rows_per_round(self, num_rows: int) -> int:
@@ -110,14 +110,16 @@ class EvalSettings:
         return self.enabled and (server_round % self.every_round == 0 or server_round == num_rounds)
 
 
-#: strategy.name -> the strategy's own hyper-parameter keys (under strategy.) and kwarg names.
-STRATEGY_PARAMS: dict[str, dict[str, str]] = {
-    "fedavg": {},
-    "fedprox": {"proximal-mu": "proximal_mu"},
-    "fedavgm": {"server-learning-rate": "server_learning_rate", "server-momentum": "server_momentum"},
-    "fedadam": {"eta": "eta", "eta-l": "eta_l", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau"},
-    "fedyogi": {"eta": "eta", "eta-l": "eta_l", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau"},
-    "fedadagrad": {"eta": "eta", "eta-l": "eta_l", "tau": "tau"},
+_ADAPTIVE = {"eta": "eta", "eta-l": "eta_l", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau"}
+#: The one strategy registry: strategy.name -> (the Flower strategy class in flwr.serverapp.strategy,
+#: its own hyper-parameter keys under strategy. -> its keyword arguments). strategy.build_strategy reads it.
+STRATEGIES: dict[str, tuple[str, dict[str, str]]] = {
+    "fedavg": ("FedAvg", {}),
+    "fedprox": ("FedProx", {"proximal-mu": "proximal_mu"}),
+    "fedavgm": ("FedAvgM", {"server-learning-rate": "server_learning_rate", "server-momentum": "server_momentum"}),
+    "fedadam": ("FedAdam", _ADAPTIVE),
+    "fedyogi": ("FedYogi", _ADAPTIVE),
+    "fedadagrad": ("FedAdagrad", {"eta": "eta", "eta-l": "eta_l", "tau": "tau"}),
 }
 
 
@@ -350,9 +352,9 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
 
 
 def _strategy(cfg: Mapping[str, Any]) -> StrategySettings:
-    name = _choice(cfg, "strategy.name", tuple(STRATEGY_PARAMS))
+    name = _choice(cfg, "strategy.name", tuple(STRATEGIES))
     params = []
-    for key, kwarg in STRATEGY_PARAMS[name].items():
+    for key, kwarg in STRATEGIES[name][1].items():
         value = _as_float(cfg, f"strategy.{key}")
         if value < 0 or (key in ("beta-1", "beta-2", "server-momentum") and value >= 1):
             raise ConfigError(f"strategy.{key}={value!r}: out of range for {name}")

@@ -17,7 +17,9 @@ The rules:
 
 from __future__ import annotations
 
+import functools
 import os
+
 import torch
 
 from flowertune_llm.rules import MIB
@@ -215,3 +217,90 @@ def hardware(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         text = f"{torch.cuda.get_device_name(torch.device(device))}; {text}"
     return text
+
+
+def process_threads() -> int:
+    """Torch threads for this process: the CPUs it was given (Ray's OMP_NUM_THREADS per ClientApp), else its affinity.
+
+    Ray sets OMP_NUM_THREADS to a simulated ClientApp's `client-resources-num-cpus`; without it a
+    process may use every CPU it can run on. Two processes that each use all cores slow each
+    other down by an order of magnitude, so each one takes only its share.
+    """
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(int(given), available)) if given.isdigit() else available
+
+
+def set_process_threads() -> int:
+    """Apply `process_threads()` to torch (intra-op) once; returns the count."""
+    threads = process_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+@functools.cache  # once per process: the GPUs a process sees do not change
+def warn_if_several_gpus(device: str) -> None:
+    """Say which GPU a client trains on when it sees several (one device per client process)."""
+    count = torch.cuda.device_count() if device.startswith("cuda") else 0
+    if count > 1:
+        import logging
+
+        logging.getLogger("flowertune_llm").warning(
+            "this client sees %d GPUs (CUDA_VISIBLE_DEVICES=%s) and trains on one, cuda:0 (%s), with its configured "
+            "batch; give each client its own GPU share (client-resources-num-gpus) or set CUDA_VISIBLE_DEVICES per "
+            "SuperNode", count, os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), torch.cuda.get_device_name(0),
+        )
+
+
+#: glibc's mallopt parameter, and the size from which allocations get their own mapping with it on.
+_M_MMAP_THRESHOLD = -3
+RELEASE_MEMORY_THRESHOLD = 16 * 2**20
+
+
+@functools.cache  # the setting holds for the whole process: once is enough
+def release_memory_to_os() -> bool:
+    """`train.release-memory`: make glibc map every buffer of 16 MB or more on its own and unmap it when freed.
+
+    By default glibc raises its mmap threshold as large buffers are freed (up to 32 MB) and serves
+    later ones from its heap, which a step's many short-lived activation buffers fragment: at the
+    reference settings the process holds ~9 GB although the step's live data stays under ~4.5 GB.
+    With a fixed threshold the resident memory follows the live data, at the price of page
+    faults for every new buffer (slower steps; docs/benchmarks.md). Applies to this process, for
+    good; no effect (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, RELEASE_MEMORY_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def score_label_positions_only(enabled: bool = True) -> None:
+    """On CPU, let TRL's fused LM head score only the positions that have a label, as it does on CUDA.
+
+    TRL 1.16 projects only the label positions through the LM head where its Triton kernels run
+    (CUDA, XPU) and every position elsewhere, to keep tile shapes fixed for compiled backends.
+    Eager CPU has no such constraint, and the prompt and padding positions are most of a batch:
+    the same rows go through the same row-wise computation, so the loss and the gradients are
+    unchanged up to rounding, at a fraction of the LM-head time and tile memory. Idempotent;
+    `enabled=False` (the plain path bench_step measures) puts TRL's own function back.
+    """
+    import trl.trainer.utils as trl_utils
+
+    current = getattr(trl_utils, "_use_triton", None)
+    if current is None:
+        return
+    original = getattr(current, "flowertune_original", current)
+    if not enabled:
+        trl_utils._use_triton = original
+    elif current is original:
+
+        def compact_on_cpu(device: torch.device) -> bool:
+            return device.type == "cpu" or original(device)
+
+        compact_on_cpu.flowertune_original = original  # type: ignore[attr-defined]
+        trl_utils._use_triton = compact_on_cpu

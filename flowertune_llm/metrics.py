@@ -12,17 +12,7 @@ from typing import Any
 from flwr.common.logger import log
 
 from flowertune_llm.config import Config, ConfigError
-from flowertune_llm.rundir import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    PLOT_FILE,
-    STATUS_FILE,
-    read_metrics,
-    status_record,
-    write_json,
-    write_text,
-    writing,
-)
+from flowertune_llm.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, read_metrics, status_record, write_json, write_text
 from flowertune_llm.runs import format_duration
 from flowertune_llm.strategy import RoundLog
 
@@ -34,44 +24,6 @@ def check_tensorboard(cfg: Config) -> None:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("metrics.tensorboard=True: `pip install tensorboard` first") from None
-
-
-def plot_loss(run_dir: Path, title: str) -> Path:
-    """Draw `loss.png` from metrics.jsonl, atomically: train loss per round, and (when the run
-    evaluates) validation MMLU accuracy under the protocol with its letter diagnostics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    metrics = read_metrics(run_dir)
-    rows = [m for m in metrics if m.get("train_loss") is not None]
-    evals = [m for m in metrics if m.get("val_mmlu_avg") is not None]
-    fig, axes = plt.subplots(2 if evals else 1, 1, figsize=(7, 6.5 if evals else 4), sharex=True, squeeze=False)
-    ax = axes[0][0]
-    ax.plot([m["server_round"] for m in rows], [m["train_loss"] for m in rows], marker=".")
-    ax.set_ylabel("train loss (weighted by examples)")
-    ax.set_title(title, fontsize=9)
-    if evals:
-        ax2 = axes[1][0]
-        x = [m["server_round"] for m in evals]
-        ax2.plot(x, [100 * m["val_mmlu_avg"] for m in evals], marker="o", label="MMLU accuracy (protocol, avg)")
-        ax2.plot(x, [100 * m["val_letter_ceiling"] for m in evals], "--", marker=".", label="letter ceiling (diagnostic)")
-        ax2.plot(x, [100 * m["val_valid_letter_rate"] for m in evals], ":", marker=".", label="valid letters % (diagnostic)")
-        ax2.set_ylabel(f"validation, {evals[-1].get('val_questions', '?')} questions (%)")
-        ax2.set_ylim(0, 100)
-        ax2.legend(fontsize=8)
-    for row in axes:
-        row[0].grid(alpha=0.3)
-        row[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[-1][0].set_xlabel("round")
-    fig.tight_layout()
-    path = Path(run_dir) / PLOT_FILE
-    with writing(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) -> None:
@@ -174,6 +126,8 @@ class RunLog:
 
     def plot(self) -> Path:
         """Redraw loss.png from metrics.jsonl."""
+        from flowertune_llm.plots import plot_loss
+
         return plot_loss(self.run_dir, f"{Path(self.cfg.model.name).name} ({self.cfg.num_server_rounds} rounds)")
 
     def close(self) -> None:

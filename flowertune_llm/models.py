@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import weakref
 from pathlib import Path
 
@@ -25,26 +24,6 @@ from flowertune_llm.hub import require_hub_or_cache
 
 AdapterState = dict[str, torch.Tensor]
 MODEL_KEY = "model.name"
-
-
-def process_threads() -> int:
-    """Torch threads for this process: the CPUs it was given (Ray's OMP_NUM_THREADS per ClientApp), else its affinity.
-
-    Ray sets OMP_NUM_THREADS to a simulated ClientApp's `client-resources-num-cpus`; without it a
-    process may use every CPU it can run on. Two processes that each use all cores slow each
-    other down by an order of magnitude, so each one takes only its share.
-    """
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    return max(1, min(int(given), available)) if given.isdigit() else available
-
-
-def set_process_threads() -> int:
-    """Apply `process_threads()` to torch (intra-op) once; returns the count."""
-    threads = process_threads()
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
 
 
 def quantization_config(bits: int, device: str) -> BitsAndBytesConfig | None:

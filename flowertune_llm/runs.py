@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flowertune_llm import rules
-from flowertune_llm.rundir import CONFIG_FILE, STATUS_FILE, is_complete, live_status, read_json, read_metrics, writing
+from flowertune_llm.rundir import CONFIG_FILE, STATUS_FILE, is_complete, live_status, read_json, read_metrics
 
 def format_duration(seconds: float) -> str:
     """'1h02m', '3m05s', '42s'."""
@@ -228,7 +227,8 @@ def differing_keys(runs: list[RunRecord]) -> list[str]:
     return [k for k in keys if len({json.dumps(c.get(k, missing), default=str) for c in configs}) > 1]
 
 
-def _label(run: RunRecord, keys: list[str]) -> str:
+def label(run: RunRecord, keys: list[str]) -> str:
+    """A run's name in a legend: its values of the keys that differ between the runs shown (else its folder)."""
     rc = run.run_config
     return " ".join(f"{k}={rc.get(k, '-')}" for k in keys) or run.name
 
@@ -317,35 +317,3 @@ def format_table(runs: list[RunRecord], fmt: str = "table") -> str:
     note = ("letters % and ceiling % at the best round: diagnostics, not leaderboard figures; rules: the leaderboard "
             "rules the run breaks (`--format json` lists them)")
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], note])
-
-
-def plot_runs(runs: list[RunRecord], path: Path) -> Path:
-    """One PNG: validation average (left) and train loss (right) per round, one curve per run, labelled by differing keys."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    keys = differing_keys(runs)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in runs:
-        label = _label(run, keys)
-        evals = run.evaluations
-        left.plot([m["server_round"] for m in evals], [100 * m["val_mmlu_avg"] for m in evals], marker="o", label=label)
-        trained = [m for m in run.trained if m.get("train_loss") is not None and math.isfinite(m["train_loss"])]
-        right.plot([m["server_round"] for m in trained], [m["train_loss"] for m in trained], marker=".", label=label)
-    left.set_title("validation MMLU average (protocol, %)", fontsize=10)
-    right.set_title("train loss", fontsize=10)
-    left.set_ylim(0, 100)
-    for ax in (left, right):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    with writing(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path

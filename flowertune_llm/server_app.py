@@ -17,7 +17,8 @@ from flowertune_llm.logs import one_line_errors
 from flowertune_llm.metrics import RunLog
 from flowertune_llm.rundir import new_run_dir, read_metrics, set_aside_checkpoints_after
 from flowertune_llm.evaluate.validation import Validator
-from flowertune_llm.models import arrays_to_state, initial_adapter, set_process_threads, state_to_arrays
+from flowertune_llm.devices import set_process_threads
+from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
 from flowertune_llm.preflight import federation_warning, preflight
 from flowertune_llm.schedule import Coverage
 from flowertune_llm.strategy import CommStats, build_strategy, with_dp

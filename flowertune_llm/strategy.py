@@ -12,19 +12,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedProx,
-    FedYogi,
-    Strategy,
-)
+import flwr.serverapp.strategy as flwr_strategies
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
 
 from flowertune_llm import rules
-from flowertune_llm.config import DPSettings
+from flowertune_llm.config import STRATEGIES, DPSettings
 from flowertune_llm.models import AdapterState, arrays_to_state, state_to_arrays
 from flowertune_llm.schedule import Coverage, sample_round
 
@@ -266,24 +258,13 @@ class FlowerTuneMixin:
         return arrays, metrics
 
 
-#: strategy.name -> the Flower strategy it extends.
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedavgm": FedAvgM,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-}
-
-
 class FlowerTuneFedAvg(FlowerTuneMixin, FedAvg):
     """FedAvg (weighted by examples) with this app's round handling."""
 
 
 def build_strategy(name: str, **kwargs: Any) -> FlowerTuneMixin:
     """The named Flower strategy with this app's round handling (kwargs: mixin + strategy's own)."""
-    base = STRATEGIES[name]
+    base: type[Strategy] = getattr(flwr_strategies, STRATEGIES[name][0])
     cls = FlowerTuneFedAvg if base is FedAvg else type(f"FlowerTune{base.__name__}", (FlowerTuneMixin, base), {})
     return cls(**kwargs)
 

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import gc
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,22 +22,20 @@ from trl import SFTConfig, SFTTrainer
 from flowertune_llm.config import Config, ConfigError, ModelSettings, training_argument_key
 from flowertune_llm.dataset import load_partition
 from flowertune_llm.gguf import resolve_model_path
+from flowertune_llm import devices
 from flowertune_llm.devices import (
+    RoundMemory,
     apply_adapter_precision,
     compute_dtype,
     default_device,
-    RoundMemory,
     require_protocol_arithmetic,
+    score_label_positions_only,
     single_device_config,
     visible_gpu_ids,
+    warn_if_several_gpus,
 )
 from flowertune_llm.models import AdapterState, adapter_state, build_peft_model, set_adapter_state
 from flowertune_llm.schedule import row_order
-
-
-#: The step-cost optimizations below (identical training, see docs/benchmarks.md); only
-#: `tests.benchmarks.bench_step --compare` turns them off, to measure the plain path beside them.
-OPTIMIZED = True
 
 
 @dataclass(frozen=True)
@@ -65,9 +62,9 @@ def _cached_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name)
 
 
-def round_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def round_tokenizer(name: str, optimized: bool = True) -> PreTrainedTokenizerBase:
     """The tokenizer for a training round: loaded once per process (a fresh copy costs ~0.2 s a round)."""
-    return _cached_tokenizer(name) if OPTIMIZED else load_tokenizer(name)
+    return _cached_tokenizer(name) if optimized else load_tokenizer(name)
 
 
 #: SFTConfig whose process trains on one device, whatever number of GPUs it sees (devices.py).
@@ -141,11 +138,16 @@ def check_training_arguments(cfg: Config) -> None:
 
 
 class ModelCache:
-    """The process's quantized base model + adapter, rebuilt only when what defines it changes."""
+    """The process's quantized base model + adapter, rebuilt only when what defines it changes.
 
-    def __init__(self) -> None:
+    `freeze_gc` (default) takes the process's long-lived objects out of the collector's view once
+    the model is built; False is the plain path bench_step measures beside it.
+    """
+
+    def __init__(self, freeze_gc: bool = True) -> None:
         self._key: tuple | None = None
         self._model: PeftModel | None = None
+        self.freeze_gc = freeze_gc
 
     def get(self, settings: ModelSettings, device: str, seed: int) -> PeftModel:
         """The cached model for (model settings, device), building it on first use."""
@@ -156,7 +158,7 @@ class ModelCache:
             gc.collect()
             self._model = build_peft_model(settings, device, seed)
             self._key = key
-            if OPTIMIZED:
+            if self.freeze_gc:
                 # The process's long-lived objects (libraries, the model) leave the collector's view:
                 # the trainer's gc.collect() at every round's start then scans only the round's own.
                 gc.freeze()
@@ -229,8 +231,13 @@ def make_trainer(
     models: ModelCache | None = None,
     callbacks: list[TrainerCallback] | None = None,
     proximal_mu: float = 0.0,
+    optimized: bool = True,
 ) -> SFTTrainer:
-    """The global adapter on the (cached) model and a fresh SFTTrainer (new optimizer) around it."""
+    """The global adapter on the (cached) model and a fresh SFTTrainer (new optimizer) around it.
+
+    `optimized` (default) applies the step-cost policies (float32 adapter, label positions only on
+    CPU, the cached tokenizer: identical training, docs/benchmarks.md); False is the plain path.
+    """
     device = default_device()
     warn_if_several_gpus(device)
     if models is None:
@@ -245,79 +252,15 @@ def make_trainer(
         args=sft_config(cfg, lr, output_dir, device),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        processing_class=round_tokenizer(cfg.model.name),
+        processing_class=round_tokenizer(cfg.model.name, optimized),
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the server logs each round
     require_protocol_arithmetic(trainer.model)
-    if OPTIMIZED:  # False only in bench_step's "plain" side: the code before these policies
+    score_label_positions_only(enabled=optimized)  # a CPU-only effect: TRL already does it where Triton runs
+    if optimized:  # False only in bench_step's "plain" side: the code before these policies
         apply_adapter_precision(trainer.model, device)  # float32 master weights on every device
-        if device == "cpu":
-            score_label_positions_only()
     return trainer
-
-
-@functools.cache  # once per process: the GPUs a process sees do not change
-def warn_if_several_gpus(device: str) -> None:
-    """Say which GPU a client trains on when it sees several (one device per client process)."""
-    count = torch.cuda.device_count() if device.startswith("cuda") else 0
-    if count > 1:
-        import logging
-
-        logging.getLogger("flowertune_llm").warning(
-            "this client sees %d GPUs (CUDA_VISIBLE_DEVICES=%s) and trains on one, cuda:0 (%s), with its configured "
-            "batch; give each client its own GPU share (client-resources-num-gpus) or set CUDA_VISIBLE_DEVICES per "
-            "SuperNode", count, os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), torch.cuda.get_device_name(0),
-        )
-
-
-#: glibc's mallopt parameter, and the size from which allocations get their own mapping with it on.
-_M_MMAP_THRESHOLD = -3
-RELEASE_MEMORY_THRESHOLD = 16 * 2**20
-
-
-@functools.cache  # the setting holds for the whole process: once is enough
-def release_memory_to_os() -> bool:
-    """`train.release-memory`: make glibc map every buffer of 16 MB or more on its own and unmap it when freed.
-
-    By default glibc raises its mmap threshold as large buffers are freed (up to 32 MB) and serves
-    later ones from its heap, which a step's many short-lived activation buffers fragment: at the
-    reference settings the process holds ~9 GB although the step's live data stays under ~4.5 GB.
-    With a fixed threshold the resident memory follows the live data, at the price of page
-    faults for every new buffer (slower steps; docs/benchmarks.md). Applies to this process, for
-    good; no effect (False) where the C library is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, RELEASE_MEMORY_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
-
-
-def score_label_positions_only() -> None:
-    """On CPU, let TRL's fused LM head score only the positions that have a label, as it does on CUDA.
-
-    TRL 1.16 projects only the label positions through the LM head where its Triton kernels run
-    (CUDA, XPU) and every position elsewhere, to keep tile shapes fixed for compiled backends.
-    Eager CPU has no such constraint, and the prompt and padding positions are most of a batch:
-    the same rows go through the same row-wise computation, so the loss and the gradients are
-    unchanged up to rounding, at a fraction of the LM-head time and tile memory. Idempotent; the
-    decision is read at each call, so `OPTIMIZED = False` restores TRL's behaviour.
-    """
-    import trl.trainer.utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None or getattr(original, "flowertune_compact_on_cpu", False):
-        return
-
-    def compact_on_cpu(device: torch.device) -> bool:
-        return (OPTIMIZED and device.type == "cpu") or original(device)
-
-    compact_on_cpu.flowertune_compact_on_cpu = True  # type: ignore[attr-defined]
-    trl_utils._use_triton = compact_on_cpu
 
 
 def partition_for(cfg: Config, partition_id: int, num_partitions: int) -> Dataset:
@@ -340,6 +283,7 @@ def train_one_round(
     callbacks: list[TrainerCallback] | None = None,
     proximal_mu: float = 0.0,
     server_round: int = 1,
+    optimized: bool = True,
 ) -> RoundResult:
     """Train the global adapter on one partition for one round; return the local adapter.
 
@@ -349,7 +293,7 @@ def train_one_round(
     """
     device = default_device()
     if cfg.train.release_memory and device == "cpu":
-        release_memory_to_os()
+        devices.release_memory_to_os()
     key = (cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.model.name, cfg.train.seq_length,
            cfg.train.prompt_template, cfg.train.mcq_fraction)
     dataset = tokenized.get(key) if tokenized is not None else None
@@ -357,7 +301,8 @@ def train_one_round(
         dataset = partition_for(cfg, partition_id, num_partitions)
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as tmp, RoundMemory(device) as memory:
         trainer = make_trainer(
-            cfg, global_state, dataset, lr, tmp, models=models, callbacks=callbacks, proximal_mu=proximal_mu
+            cfg, global_state, dataset, lr, tmp, models=models, callbacks=callbacks, proximal_mu=proximal_mu,
+            optimized=optimized,
         )
         if tokenized is not None:
             tokenized.put(key, trainer.train_dataset)

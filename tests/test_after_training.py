@@ -11,7 +11,8 @@ import pytest
 
 from flowertune_llm.cli import main as cli
 from flowertune_llm.config import ConfigError
-from flowertune_llm.runs import differing_keys, find_runs, format_table, plot_runs
+from flowertune_llm.plots import plot_runs
+from flowertune_llm.runs import differing_keys, find_runs, format_table
 from flowertune_llm.sweep import file_points, grid_points, run_sweep
 from tests.conftest import MMLU_DIR, ROOT, default_run_config
 

@@ -39,7 +39,7 @@ def test_local_evaluation_returns_a_finite_loss(tiny_llama_dir: Path) -> None:
 def test_threads_follow_the_cpus_a_process_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from flowertune_llm.models import process_threads
+    from flowertune_llm.devices import process_threads
 
     available = len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets for client-resources-num-cpus=1
@@ -67,7 +67,6 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
         pytest.skip("compares float32 CPU arithmetic; on a GPU the trainer computes under bf16 autocast")
     import trl.trainer.utils as trl_utils
 
-    import flowertune_llm.train as train_mod
     from flowertune_llm.dataset import load_partition
     from flowertune_llm.train import make_trainer
     from tests.conftest import ALPACA_SUBSET
@@ -89,8 +88,7 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingLogProb)
     results = {}
     for optimized in (False, True):
-        monkeypatch.setattr(train_mod, "OPTIMIZED", optimized)
-        trainer = make_trainer(cfg, start, data, 1e-3, str(tmp_path / str(optimized)))
+        trainer = make_trainer(cfg, start, data, 1e-3, str(tmp_path / str(optimized)), optimized=optimized)
         model = trainer.model
         assert {p.dtype for p in model.parameters() if p.requires_grad} >= (
             {torch.float32} if optimized else {torch.bfloat16}
@@ -124,10 +122,10 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
 def test_release_memory_is_applied_by_default_and_not_when_turned_off(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict, applied: bool
 ) -> None:
-    import flowertune_llm.train as train_mod
+    import flowertune_llm.devices as devices_mod
 
     calls = []
-    monkeypatch.setattr(train_mod, "release_memory_to_os", lambda: calls.append(1) or True)
+    monkeypatch.setattr(devices_mod, "release_memory_to_os", lambda: calls.append(1) or True)
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **overrides))
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     train_one_round(cfg, start, 0, 20, 1e-2)
@@ -139,7 +137,7 @@ def test_release_memory_to_os_is_accepted_by_glibc() -> None:
     import sys
 
     # the real call (its own process: it changes the allocator for good); True where libc is glibc
-    code = "import platform; from flowertune_llm.train import release_memory_to_os as r; print(r(), platform.libc_ver()[0])"
+    code = "import platform; from flowertune_llm.devices import release_memory_to_os as r; print(r(), platform.libc_ver()[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == str(out[1] == "glibc"), out
 

@@ -75,15 +75,15 @@ class PartTimer:
             setattr(owner, name, original)
 
 
-def run(cfg, start, rounds: int, keep: bool) -> list[dict]:
+def run(cfg, start, rounds: int, keep: bool, optimized: bool = True) -> list[dict]:  # noqa: ANN001
     """`rounds` rounds of one client; the model and tokenized data kept or rebuilt each round."""
-    models, tokenized = (ModelCache(), TokenizedCache()) if keep else (None, None)
+    models, tokenized = (ModelCache(freeze_gc=optimized), TokenizedCache()) if keep else (None, None)
     out, state = [], start
     for rnd in range(1, rounds + 1):
         timer = StepTimer()
         with PartTimer() as parts:
             t0 = time.perf_counter()
-            result = train_one_round(cfg, state, 0, 20, 1e-4, models, tokenized, callbacks=[timer])
+            result = train_one_round(cfg, state, 0, 20, 1e-4, models, tokenized, callbacks=[timer], optimized=optimized)
             wall = time.perf_counter() - t0
         out.append({"round": rnd, "wall_s": round(wall, 2), "steps_s": round(timer.total, 2),
                     "overhead_s": round(wall - timer.total, 2),
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--compare", action="store_true", help="also measure the plain path (train.OPTIMIZED off) first")
+    parser.add_argument("--compare", action="store_true", help="also measure the plain path (optimized=False) first")
     args = parser.parse_args()
     model_dir = import_gguf(fetch_smollm2_gguf())
 
@@ -119,10 +119,9 @@ def main() -> None:
     print(f"machine: {machine()}; SmolLM2-135M-Instruct (GGUF Q4_1) in 4-bit, batch 4, seq {args.seq_length}, "
           f"{args.max_steps} steps per round; overhead = round wall time minus time inside optimizer steps")
     for optimized in ([False, True] if args.compare else [True]):
-        train_mod.OPTIMIZED = optimized
         cfg = config(optimized)
-        rebuilt = run(cfg, start, args.rounds, keep=False)
-        kept = run(cfg, start, args.rounds, keep=True)
+        rebuilt = run(cfg, start, args.rounds, keep=False, optimized=optimized)
+        kept = run(cfg, start, args.rounds, keep=True, optimized=optimized)
         later = range(1, args.rounds)  # round 2 on
         ratio = sum(kept[i]["overhead_s"] for i in later) / sum(rebuilt[i]["overhead_s"] for i in later)
         kept_per_round = sum(kept[i]["overhead_s"] for i in later) / len(later)

@@ -46,14 +46,13 @@ def _child(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
     from transformers import TrainerCallback
 
-    import flowertune_llm.train as train_mod
     from flowertune_llm.config import parse_config
     from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
     from flowertune_llm.models import initial_adapter
     from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
     from tests.conftest import ALPACA_SUBSET, default_run_config
 
-    train_mod.OPTIMIZED = args.side != "plain"
+    optimized = args.side != "plain"  # the plain side: the code before the step-cost policies
     model_dir = import_gguf(fetch_smollm2_gguf())
     batch, seq = (4, 256) if args.proxy else (16, 512)
     steps = 1 + args.steps + (1 if args.profile else 0)
@@ -105,7 +104,7 @@ def _child(args: argparse.Namespace) -> None:
 
     meter = Meter()
     tokens = TokenCounter()
-    models = ModelCache()
+    models = ModelCache(freeze_gc=optimized)
     if args.barrier:  # load first, then start the steps together with the other processes
         from flowertune_llm.devices import default_device
 
@@ -116,7 +115,7 @@ def _child(args: argparse.Namespace) -> None:
             time.sleep(0.2)
     with tokens.installed(), labelled_phases():
         result = train_one_round(cfg, start_state, 0, 1, lr=cfg.lr(1), models=models, tokenized=TokenizedCache(),
-                                 callbacks=[meter])
+                                 callbacks=[meter], optimized=optimized)
     timed = meter.rows[1 : 1 + args.steps]
     out = {
         "side": args.side,
