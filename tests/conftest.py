@@ -1,54 +1,31 @@
-"""Shared fixtures: offline data paths, the real SmolLM2 tokenizer, tiny random Llama models."""
+"""Fixtures (the real SmolLM2 weights and tokenizer, tiny random Llama models, the official evaluator's stack) and
+the markers that sort tests by kind: `real_weights` (uses SmolLM2's weights), `e2e` (`flwr run`, its own module
+mark), both also `slow`; the fast lane is `pytest -m "not slow"`. Helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import os
-import tomllib
+import inspect
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-ALPACA_SUBSET = SHARED_DATA / "alpaca_gpt4" / "alpaca_gpt4_subset.jsonl"
-MMLU_DIR = SHARED_DATA / "mmlu"
-MMLU_VAL = MMLU_DIR / "mmlu_val.jsonl"
+from tests.helpers import make_tiny_llama
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: Fixtures whose tests run the real SmolLM2-135M weights (seconds to minutes each on 2 cores).
+REAL_WEIGHTS = {"smollm2_model_dir", "smollm2_gguf"}
+#: ... and those that are slow for another reason (the official evaluator's stack: a pip install from PyPI).
+SLOW_FIXTURES = REAL_WEIGHTS | {"official_stack"}
 
 
-def default_run_config(**overrides: Any) -> dict[str, Any]:
-    """The pyproject's [tool.flwr.app.config], flattened as Flower passes it, plus overrides."""
-    from flwr.common.config import flatten_dict
-
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    flat = flatten_dict(data["tool"]["flwr"]["app"]["config"])
-    flat.update(overrides)
-    return flat
-
-
-def tiny_overrides(model_dir: Path | str, **extra: Any) -> dict[str, Any]:
-    """Run-config overrides for a tiny model on the local alpaca sample: seconds per round."""
-    return {
-        "model.name": str(model_dir),
-        "static.dataset.name": str(ALPACA_SUBSET),
-        "train.seq-length": 64,
-        "train.learning-rate-max": 1e-2,
-        "train.learning-rate-min": 1e-3,
-        "train.training-arguments.per-device-train-batch-size": 4,
-        "train.training-arguments.max-steps": 2,
-        "train.training-arguments.logging-steps": 1,
-        "model.gradient-checkpointing": False,
-        "eval.every-round": 0,  # tests that evaluate during training turn it on with local data
-        **extra,
-    }
-
-
-def tiny_run_config(model_dir: Path | str, **overrides: Any) -> dict[str, Any]:
-    """The full run_config of a tiny-model run (pyproject defaults + tiny_overrides)."""
-    return default_run_config(**tiny_overrides(model_dir, **overrides))
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by kind: real weights (by the fixtures it asks for itself: the tiny Llama only borrows the
+    GGUF's tokenizer); e2e tests carry their own mark."""
+    for item in items:
+        asked = set(inspect.signature(item.function).parameters) if hasattr(item, "function") else set()
+        if REAL_WEIGHTS & asked:
+            item.add_marker(pytest.mark.real_weights)
+        if SLOW_FIXTURES & asked or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -65,28 +42,6 @@ def smollm2_tokenizer_dir(smollm2_gguf: Path) -> Path:
     from flowertune_llm.gguf import import_gguf
 
     return import_gguf(smollm2_gguf, tokenizer_only=True)
-
-
-#: The tests' tiny Llama: 2 layers, hidden 64 (seconds per round on CPU).
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True)
-
-
-def make_tiny_llama(out: Path, tokenizer_dir: Path, shape: dict[str, Any] = TINY_LLAMA, seed: int = 0) -> Path:
-    """Save a random LlamaForCausalLM of this shape (default: tiny) with SmolLM2's tokenizer and special tokens."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **shape)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    from flowertune_llm.gguf import readable_by_transformers_4
-
-    readable_by_transformers_4(out)  # as the app's own model folders: the official evaluator's transformers 4.x reads it
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from flowertune_llm.config import ConfigError
 from flowertune_llm.plots import plot_runs
 from flowertune_llm.runs import differing_keys, find_runs, format_table
 from flowertune_llm.sweep import file_points, grid_points, run_sweep
-from tests.conftest import MMLU_DIR, ROOT, default_run_config
+from tests.helpers import MMLU_DIR, ROOT, default_run_config
 
 
 def make_run(
@@ -239,7 +239,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Pa
     from flowertune_llm.checkpoint import save_adapter
     from flowertune_llm.config import parse_config
     from flowertune_llm.models import initial_adapter
-    from tests.conftest import tiny_run_config
+    from tests.helpers import tiny_run_config
 
     state, peft_config = initial_adapter(parse_config(tiny_run_config(tiny_llama_dir)).model, 0)
     folder = save_adapter(tmp_path_factory.mktemp("ckpt") / "peft_2", state, peft_config, {})
@@ -372,7 +372,7 @@ def test_an_evaluation_is_reused_only_for_the_same_adapter_on_the_same_base_unde
 
     from flowertune_llm.evaluate.api import evaluate_mmlu
     from flowertune_llm.submission import SubmissionError, reusable_evaluation
-    from tests.conftest import make_tiny_llama
+    from tests.helpers import make_tiny_llama
 
     peft, overrides = tiny_checkpoint
     base = overrides["model.name"]

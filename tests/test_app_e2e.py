@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 from flowertune_llm.config import parse_config, run_config_arg
 from flowertune_llm.rundir import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
-from tests.conftest import ALPACA_SUBSET, MMLU_VAL, ROOT, tiny_overrides, tiny_run_config
+from tests.helpers import ALPACA_SUBSET, MMLU_VAL, ROOT, tiny_overrides, tiny_run_config
 from tests.processes import BIN, flower_env, round_lines, start_simulation_superlink, stop_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def flwr_run_command(connection: str, overrides: dict) -> list[str]:
@@ -295,7 +295,7 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
     # of these runs and computes the answer-position logits flowertune-eval computes.
     from flowertune_llm.evaluate.data import load_questions
     from flowertune_llm.evaluate.protocol import mcq_prompt
-    from tests.conftest import MMLU_DIR
+    from tests.helpers import MMLU_DIR
     from tests.official_evaluator import official_logits, our_logits
 
     questions = load_questions(str(MMLU_DIR / "mmlu_test.jsonl"))[::2000][:6]

@@ -13,7 +13,7 @@ from flowertune_llm.checkpoint import Checkpointer, checkpoint_rounds, save_adap
 from flowertune_llm.rundir import METADATA_FILE, new_run_dir
 from flowertune_llm.config import parse_config
 from flowertune_llm.models import adapter_state, initial_adapter, state_to_arrays
-from tests.conftest import tiny_run_config
+from tests.helpers import tiny_run_config
 
 
 @pytest.mark.parametrize(

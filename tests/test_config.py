@@ -7,7 +7,7 @@ import math
 import pytest
 
 from flowertune_llm.config import ConfigError, cosine_lr, parse_config
-from tests.conftest import default_run_config
+from tests.helpers import default_run_config
 
 
 def test_pyproject_defaults_match_the_reference_baseline() -> None:
@@ -136,7 +136,7 @@ def test_check_command_names_bad_keys_and_values(
     run_config: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from flowertune_llm.cli import main
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     assert main(["check", "--app", str(ROOT), run_config]) == 2
     err = capsys.readouterr().err.strip()
@@ -148,7 +148,7 @@ def test_check_command_names_bad_keys_and_values(
 
 def app_with_training_arguments(tmp_path, **extra: object):  # noqa: ANN001, ANN201
     """A copy of this app's pyproject whose config also lists these training arguments (as a user adds them)."""
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     text = (ROOT / "pyproject.toml").read_text()
     import json

@@ -10,7 +10,7 @@ import pytest
 
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.schedule import Coverage, planned_coverage, row_order, rows_per_round
-from tests.conftest import ROOT, default_run_config, tiny_run_config
+from tests.helpers import ROOT, default_run_config, tiny_run_config
 
 
 def test_row_order_is_a_function_of_seed_round_and_partition() -> None:

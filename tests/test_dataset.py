@@ -11,7 +11,7 @@ from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.dataset import federated_dataset, load_partition, resolve_source, validate_dataset
 from flowertune_llm.evaluate.protocol import qa_prompt
 from flowertune_llm.prompts import PROMPT_PREAMBLE, PROMPT_TEMPLATES, alpaca_prompt, to_prompt_completion
-from tests.conftest import ALPACA_SUBSET, tiny_run_config
+from tests.helpers import ALPACA_SUBSET, tiny_run_config
 
 
 def test_prompt_without_input_is_the_alpaca_template() -> None:
@@ -157,7 +157,7 @@ def test_mcq_examples_are_the_same_from_two_calls_and_in_a_new_process(tiny_llam
 
     from flowertune_llm.dataset import token_budget
     from flowertune_llm.prompts import mcq_examples
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     rows = federated_dataset(str(ALPACA_SUBSET), 20, 42).load_partition(3, "train").to_list()
     fits, shorten = token_budget(str(tiny_llama_dir), 256)

@@ -23,7 +23,7 @@ from flowertune_llm.devices import (
     require_protocol_arithmetic,
     use_protocol_arithmetic,
 )
-from tests.conftest import MMLU_DIR, tiny_run_config
+from tests.helpers import MMLU_DIR, tiny_run_config
 
 
 def _eval_forward(model: torch.nn.Module) -> None:
@@ -258,7 +258,7 @@ def test_the_gpu_check_dry_run_passes_on_cpu(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.gpu_check", "--device", "cpu", "--json", str(out)],

@@ -31,7 +31,7 @@ from flowertune_llm.evaluate.runner import (
     load_model,
     probe_prompts,
 )
-from tests.conftest import MMLU_DIR
+from tests.helpers import MMLU_DIR
 
 MMLU_TEST = MMLU_DIR / "mmlu_test.jsonl"
 
@@ -132,7 +132,7 @@ def test_an_adapter_from_one_gguf_import_evaluates_with_another_copy(
     from flowertune_llm.checkpoint import save_adapter
     from flowertune_llm.config import parse_config
     from flowertune_llm.models import initial_adapter
-    from tests.conftest import tiny_run_config
+    from tests.helpers import tiny_run_config
 
     # trained on the imported folder (what a run records as base_model_name_or_path) ...
     settings = parse_config(tiny_run_config(smollm2_model_dir, **{"model.quantization": "none"})).model
@@ -243,7 +243,7 @@ def test_cli_writes_leaderboard_files_and_scores_an_adapter(
     from flowertune_llm.checkpoint import save_adapter
     from flowertune_llm.config import parse_config
     from flowertune_llm.models import initial_adapter
-    from tests.conftest import tiny_run_config
+    from tests.helpers import tiny_run_config
 
     state, peft_config = initial_adapter(parse_config(tiny_run_config(tiny_llama_dir)).model, 0)
     save_adapter(tmp_path / "peft_1", state, peft_config, {})
@@ -355,7 +355,7 @@ def test_the_official_evaluators_stack_loads_a_checkpoint_and_computes_our_logit
     from flowertune_llm.checkpoint import save_adapter
     from flowertune_llm.config import parse_config
     from flowertune_llm.models import initial_adapter
-    from tests.conftest import tiny_run_config
+    from tests.helpers import tiny_run_config
     from tests.official_evaluator import official_logits, our_logits
 
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"model.lora.use-dora": dora}))

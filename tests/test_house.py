@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def package_imports() -> dict[str, set[str]]:

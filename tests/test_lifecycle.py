@@ -22,7 +22,7 @@ from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arr
 from flowertune_llm.schedule import sample_round
 from flowertune_llm.strategy import FlowerTuneFedAvg, RoundLog
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
-from tests.conftest import ROOT, tiny_run_config
+from tests.helpers import ROOT, tiny_run_config
 from tests.test_strategy import FakeGrid, reply, smollm2_adapter, task_identity  # noqa: F401
 
 B_ALONE = """
@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from flowertune_llm.config import parse_config
 from flowertune_llm.models import initial_adapter
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
-from tests.conftest import tiny_run_config
+from tests.helpers import tiny_run_config
 cfg = parse_config(tiny_run_config(sys.argv[1], **{"model.quantization": 4}))
 start, _ = initial_adapter(cfg.model, cfg.train.seed)
 res = train_one_round(cfg, start, 7, 20, 1e-2, ModelCache(), TokenizedCache())

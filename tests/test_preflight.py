@@ -11,7 +11,7 @@ from flwr.app import Context, RecordDict
 from flowertune_llm import server_app
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.preflight import federation_warning, leaderboard_warnings, preflight
-from tests.conftest import ALPACA_SUBSET, default_run_config, tiny_run_config
+from tests.helpers import ALPACA_SUBSET, default_run_config, tiny_run_config
 
 
 class NodesOnly:
@@ -118,7 +118,7 @@ def test_unreachable_eval_data_is_named_before_any_model_loads(
 
 def test_validation_questions_are_stratified_fixed_and_warn_on_the_test_split(caplog: pytest.LogCaptureFixture) -> None:
     from flowertune_llm.evaluate.validation import validation_questions
-    from tests.conftest import MMLU_DIR, MMLU_VAL
+    from tests.helpers import MMLU_DIR, MMLU_VAL
 
     cfg = parse_config(default_run_config(**{"eval.data": str(MMLU_VAL), "eval.questions": 30}))
     first = validation_questions(cfg.eval)

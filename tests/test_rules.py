@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from flowertune_llm import rules
-from tests.conftest import ROOT, default_run_config
+from tests.helpers import ROOT, default_run_config
 
 HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

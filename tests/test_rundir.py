@@ -53,7 +53,7 @@ def test_a_half_written_last_metrics_line_survives_runs_and_resume(
 ) -> None:
     from flowertune_llm.config import parse_config
     from flowertune_llm.metrics import RunLog
-    from tests.conftest import tiny_run_config
+    from tests.helpers import tiny_run_config
 
     run = make_run(tmp_path, "killed", 2, num_rounds=4)
     with open(run / rundir.METRICS_FILE, "a") as fh:
@@ -78,7 +78,7 @@ def test_resume_from_round_5_of_a_run_that_had_reached_peft_10_ends_with_this_ru
     from flowertune_llm.config import parse_config
     from flowertune_llm.models import initial_adapter
     from tests.benchmarks.bench_quality import InProcessGrid
-    from tests.conftest import tiny_run_config
+    from tests.helpers import tiny_run_config
 
     overrides = {"num-server-rounds": 10, "train.save-every-round": 5, "train.training-arguments.max-steps": 1,
                  "train.output-dir": str(tmp_path / "results")}

@@ -25,13 +25,13 @@ from flowertune_llm.cli import main as flowertune_cli
 from flowertune_llm.config import parse_config
 from flowertune_llm.rundir import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
-from tests.conftest import ROOT, tiny_overrides, tiny_run_config
+from tests.helpers import ROOT, tiny_overrides, tiny_run_config
 from flowertune_llm.config import run_config_arg
 from tests.processes import (
     BIN, flower_env, round_lines, start_superlink, start_supernode, stop_tree,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def flwr(env: dict[str, str], *args: str, timeout: int = 120) -> subprocess.CompletedProcess:

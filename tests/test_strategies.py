@@ -16,7 +16,7 @@ from flowertune_llm.config import DPSettings, parse_config
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
 from flowertune_llm.strategy import build_strategy, with_dp
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
-from tests.conftest import tiny_run_config
+from tests.helpers import tiny_run_config
 from tests.test_strategy import FakeGrid, reply, task_identity  # noqa: F401
 
 PARTITIONS = {n: n - 1 for n in range(1, 21)}  # FakeGrid's node ids 1..20

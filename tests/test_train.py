@@ -12,7 +12,7 @@ from flowertune_llm.config import parse_config
 from flowertune_llm.devices import default_device
 from flowertune_llm.models import initial_adapter
 from flowertune_llm.train import evaluate_adapter, train_one_round
-from tests.conftest import tiny_run_config
+from tests.helpers import tiny_run_config
 
 
 def test_one_round_in_4bit_changes_the_adapter_and_reports_float32(tiny_llama_dir: Path) -> None:
@@ -69,7 +69,7 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
 
     from flowertune_llm.dataset import load_partition
     from flowertune_llm.train import make_trainer
-    from tests.conftest import ALPACA_SUBSET
+    from tests.helpers import ALPACA_SUBSET
 
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"model.quantization": 4, "static.dataset.name": str(ALPACA_SUBSET)}))
     start, _ = initial_adapter(cfg.model, cfg.train.seed)

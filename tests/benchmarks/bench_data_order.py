@@ -32,7 +32,7 @@ from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.rundir import read_metrics
 from tests.benchmarks import machine
 from tests.benchmarks.bench_quality import InProcessGrid, pct, proxy_overrides
-from tests.conftest import ALPACA_SUBSET, MMLU_VAL, default_run_config
+from tests.helpers import ALPACA_SUBSET, MMLU_VAL, default_run_config
 
 
 def split_sample(out: Path, held_out: int) -> tuple[Path, list[dict]]:

@@ -28,7 +28,7 @@ from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.models import initial_adapter
 from tests.benchmarks import machine
-from tests.conftest import MMLU_DIR, tiny_run_config
+from tests.helpers import MMLU_DIR, tiny_run_config
 
 
 def _answers(result: runner.EvalResult) -> list[tuple[str, str]]:

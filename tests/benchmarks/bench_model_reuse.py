@@ -24,7 +24,7 @@ from flowertune_llm.models import initial_adapter
 import flowertune_llm.train as train_mod
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
 from tests.benchmarks import machine
-from tests.conftest import ALPACA_SUBSET, tiny_run_config
+from tests.helpers import ALPACA_SUBSET, tiny_run_config
 
 
 class StepTimer(TrainerCallback):

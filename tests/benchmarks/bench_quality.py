@@ -39,7 +39,7 @@ from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.rundir import read_metrics
 from flowertune_llm.prompts import PROMPT_TEMPLATES
 from tests.benchmarks import machine
-from tests.conftest import ALPACA_SUBSET, MMLU_VAL, default_run_config
+from tests.helpers import ALPACA_SUBSET, MMLU_VAL, default_run_config
 
 
 class InProcessGrid:

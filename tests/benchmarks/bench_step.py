@@ -50,7 +50,7 @@ def _child(args: argparse.Namespace) -> None:
     from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
     from flowertune_llm.models import initial_adapter
     from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
-    from tests.conftest import ALPACA_SUBSET, default_run_config
+    from tests.helpers import ALPACA_SUBSET, default_run_config
 
     optimized = args.side != "plain"  # the plain side: the code before the step-cost policies
     model_dir = import_gguf(fetch_smollm2_gguf())

@@ -42,7 +42,7 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
                     tie_word_embeddings=True)
 def run_config(model: Path, alpaca: Path, **overrides: Any) -> dict[str, Any]:
     """The app's defaults for this model and data, plus overrides."""
-    from tests.conftest import default_run_config
+    from tests.helpers import default_run_config
 
     return default_run_config(**{"model.name": str(model), "static.dataset.name": str(alpaca),
                                  "eval.every-round": 0, **overrides})
@@ -230,7 +230,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the five checks and print the table; exit 1 if any failed."""
-    from tests.conftest import ALPACA_SUBSET, MMLU_VAL, TINY_LLAMA, make_tiny_llama
+    from tests.helpers import ALPACA_SUBSET, MMLU_VAL, TINY_LLAMA, make_tiny_llama
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if present")
