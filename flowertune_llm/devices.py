@@ -116,7 +116,7 @@ def require_protocol_arithmetic(model: torch.nn.Module) -> None:
         raise ArithmeticError4bit(
             f"{len(packed)} 4-bit layers packed and {len(armed)} armed for bitsandbytes' fused bf16 CPU kernel "
             f"(e.g. {', '.join(names)}): this model does not compute the protocol's float32 arithmetic; "
-            "build it through flowertune_llm (models.load_base_model / evaluate.runner.load_model)"
+            "build it through flowertune_llm (models.load_base_model / evaluate.model.load_model)"
         )
 
 

@@ -59,7 +59,7 @@ def rule_violations(run: RunRecord) -> list[str]:
 def reusable_evaluation(eval_dir: Path, peft: Path, base: str) -> dict[str, Any]:
     """An earlier `flowertune-eval` of this adapter (weights and config) on this base model (by content) that keeps
     the evaluation rules (rules.evaluation_violations); else an error naming each difference."""
-    from flowertune_llm.evaluate.api import adapter_config_sha256, adapter_sha256
+    from flowertune_llm.evaluate.model import adapter_config_sha256, adapter_sha256
     from flowertune_llm.gguf import model_content_key
 
     path = Path(eval_dir) / "results.json"

@@ -87,8 +87,8 @@ def official_logits(stack: Path, base: str, peft_path: str | None, prompts: list
 
 
 def our_logits(base: str, peft_path: str | None, prompts: list[str], quantization: int = 4) -> torch.Tensor:
-    """The same logits through flowertune-eval's own loading (evaluate.runner.load_model), one prompt at a time."""
-    from flowertune_llm.evaluate.runner import load_model
+    """The same logits through flowertune-eval's own loading (evaluate.model.load_model), one prompt at a time."""
+    from flowertune_llm.evaluate.model import load_model
 
     model, tokenizer = load_model(base, peft_path, quantization, "cpu")
     rows = []

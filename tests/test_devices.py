@@ -67,7 +67,7 @@ def test_no_model_the_app_builds_ever_packs_its_4bit_weights(
     import flowertune_llm.train as train_mod
     from flowertune_llm.evaluate.api import AdapterScorer
     from flowertune_llm.evaluate.data import by_category, load_questions
-    from flowertune_llm.evaluate.runner import load_model
+    from flowertune_llm.evaluate.model import load_model
     from flowertune_llm.models import build_peft_model, initial_adapter
 
     # lora r=4: a model setting no other test uses, so the process's kept model is built here, armed

@@ -22,15 +22,10 @@ from flowertune_llm.evaluate.protocol import (
     is_correct,
     parse_prediction,
 )
-from flowertune_llm.evaluate.runner import (
-    EvalModelError,
-    check_peft_path,
-    evaluate_questions,
-    generate,
-    left_pad,
-    load_model,
-    probe_prompts,
-)
+from flowertune_llm.evaluate.batching import probe_prompts
+from flowertune_llm.evaluate.generation import generate, left_pad
+from flowertune_llm.evaluate.model import EvalModelError, check_peft_path, load_model
+from flowertune_llm.evaluate.runner import evaluate_questions
 from tests.helpers import MMLU_DIR
 
 MMLU_TEST = MMLU_DIR / "mmlu_test.jsonl"
@@ -312,7 +307,8 @@ def test_dora_norm_cache_gives_bit_identical_logits_and_follows_adapter_swaps(
     from peft import set_peft_model_state_dict
     from peft.tuners.lora.dora import DoraLinearLayer
 
-    from flowertune_llm.evaluate.runner import dora_norm_cache, letter_token_ids
+    from flowertune_llm.evaluate.generation import letter_token_ids
+    from flowertune_llm.evaluate.model import dora_norm_cache
     from flowertune_llm.models import adapter_state
 
     qs = by_category(load_questions(str(MMLU_TEST)), ["stem"], limit=3)["stem"]

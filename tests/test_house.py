@@ -67,3 +67,31 @@ def test_both_app_modules_import_the_ml_stack_before_anything_else_of_the_packag
         names = [n.names[0].name if isinstance(n, ast.Import) else n.module
                  for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert [n for n in names if n.startswith("flowertune_llm")][0] == "flowertune_llm.ml_stack", app
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    import re
+
+    text = re.sub(r"[`*_]", lambda m: "_" if m.group() == "_" else "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_the_relative_links_of_the_readme_and_docs_resolve() -> None:
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+\s+(.*)$", file.read_text(), re.M)
+                if anchor not in {github_slug(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no such heading)")
+    assert broken == []

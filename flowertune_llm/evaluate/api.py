@@ -7,12 +7,14 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from flowertune_llm.devices import default_device, hardware
 from flowertune_llm.evaluate.data import DEFAULT_DATA, Question, by_category, load_questions, split_of
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
-from flowertune_llm.evaluate.runner import EvalResult, evaluate_questions, load_model, write_outputs
+from flowertune_llm.evaluate.model import adapter_config_sha256, adapter_sha256, load_model
+from flowertune_llm.evaluate.results import EvalResult, write_outputs
+from flowertune_llm.evaluate.runner import evaluate_questions
 from flowertune_llm.gguf import model_content_key, resolve_model_path
 from flowertune_llm.hub import require_hub_or_cache
-from flowertune_llm.devices import default_device, hardware
 from flowertune_llm.models import AdapterState, set_adapter_state
 
 
@@ -57,27 +59,6 @@ def evaluate_mmlu(
         }
         write_outputs(result, run_name, Path(output_dir), extra)
     return result
-
-
-def adapter_sha256(peft_path: str | Path) -> str:
-    """SHA-256 of a PEFT folder's adapter_model.safetensors (the checkpoint's identity)."""
-    from flowertune_llm.gguf import content_hash
-
-    return content_hash(Path(peft_path) / "adapter_model.safetensors")
-
-
-#: adapter_config.json fields that do not change what the adapter computes (where it was trained, versions).
-_ADAPTER_CONFIG_BOOKKEEPING = ("base_model_name_or_path", "revision", "peft_version", "auto_mapping")
-
-
-def adapter_config_sha256(peft_path: str | Path) -> str:
-    """SHA-256 of the adapter config's computing fields (r, lora_alpha, use_dora, target modules, ...)."""
-    import hashlib
-    import json
-
-    config = json.loads((Path(peft_path) / "adapter_config.json").read_text())
-    kept = {k: v for k, v in config.items() if k not in _ADAPTER_CONFIG_BOOKKEEPING}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class AdapterScorer:

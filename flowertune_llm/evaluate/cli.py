@@ -60,7 +60,7 @@ def log_warnings_as_lines() -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation from parsed flags; print the scores; 2 on bad input."""
     from flowertune_llm.evaluate.api import evaluate_mmlu  # the ML stack: only once there is something to run
-    from flowertune_llm.evaluate.runner import EvalModelError
+    from flowertune_llm.evaluate.model import EvalModelError
 
     log_warnings_as_lines()
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):

@@ -21,7 +21,9 @@ import time
 import torch
 from peft import get_peft_model, set_peft_model_state_dict
 
-import flowertune_llm.evaluate.runner as runner
+from flowertune_llm.evaluate.model import load_model
+from flowertune_llm.evaluate.results import EvalResult
+from flowertune_llm.evaluate.runner import evaluate_questions
 from flowertune_llm.config import parse_config
 from flowertune_llm.evaluate.data import by_category, load_questions
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
@@ -31,7 +33,7 @@ from tests.benchmarks import machine
 from tests.helpers import MMLU_DIR, tiny_run_config
 
 
-def _answers(result: runner.EvalResult) -> list[tuple[str, str]]:
+def _answers(result: EvalResult) -> list[tuple[str, str]]:
     return [(r["output"], r["letter_argmax"]) for c in result.categories.values() for r in c.records]
 
 
@@ -50,24 +52,23 @@ def main() -> None:
     state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
     torch.manual_seed(0)
     state = {k: v + 0.02 * torch.randn_like(v) if "lora_B" in k else v for k, v in state.items()}
-    model, tok = runner.load_model(str(model_dir), None, 4, "cpu")
+    model, tok = load_model(str(model_dir), None, 4, "cpu")
 
-    def timed(label: str, m: torch.nn.Module) -> runner.EvalResult:
+    def timed(label: str, m: torch.nn.Module, cache_dora_norms: bool = True) -> EvalResult:
         start = time.perf_counter()
-        result = runner.evaluate_questions(m, tok, questions, args.batch_size, show_progress=False)
+        result = evaluate_questions(m, tok, questions, args.batch_size, show_progress=False,
+                                    cache_dora_norms=cache_dora_norms)
         seconds = time.perf_counter() - start
         print(f"  {label:<40} {seconds:7.1f} s  {n / seconds:6.2f} questions/s  avg {100 * result.average:.2f}")
         return result
 
-    runner.evaluate_questions(model, tok, by_category(load_questions(str(MMLU_DIR / "mmlu_val.jsonl")), ["stem"], 2),
+    evaluate_questions(model, tok, by_category(load_questions(str(MMLU_DIR / "mmlu_val.jsonl")), ["stem"], 2),
                               args.batch_size, show_progress=False)  # warm-up
     base = timed("base model", model)
     peft_config.inference_mode = True
     peft_model = get_peft_model(model, peft_config).eval()
     set_peft_model_state_dict(peft_model, state)
-    runner.DORA_NORM_CACHE = False
-    plain = timed("base + DoRA adapter (PEFT, norm per pass)", peft_model)
-    runner.DORA_NORM_CACHE = True
+    plain = timed("base + DoRA adapter (PEFT, norm per pass)", peft_model, cache_dora_norms=False)
     cached = timed("base + DoRA adapter (norm cached)", peft_model)
     assert _answers(plain) == _answers(cached), "cached DoRA norm changed an answer"
     print(f"identical answers and letter-ceiling answers: {len(_answers(cached))} of {n}; "

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from flowertune_llm.evaluate.data import by_category, load_questions
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, mcq_prompt
-from flowertune_llm.evaluate.runner import check_batching, generate, load_model
+from flowertune_llm.evaluate.batching import check_batching
+from flowertune_llm.evaluate.generation import generate
+from flowertune_llm.evaluate.model import load_model
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.devices import default_device
 from tests.benchmarks import machine
