@@ -5,6 +5,7 @@ mark), both also `slow`; the fast lane is `pytest -m "not slow"`. Helpers live i
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,14 @@ def official_stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.official_evaluator import install_old_stack
 
     return install_old_stack(tmp_path_factory.mktemp("official-stack"))
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower messages need a run identity; give this process one for the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord, Message
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -69,3 +73,91 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, shape: dict[str, Any] = TINY
 
     readable_by_transformers_4(out)  # as the app's own model folders: the official evaluator's transformers 4.x reads it
     return out
+
+
+class FakeGrid:
+    """Just enough of a Grid: 20 connected SuperNodes; node n holds partition n - 1."""
+
+    def __init__(self, num_nodes: int = 20) -> None:
+        self.node_ids = list(range(1, num_nodes + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.node_ids
+
+    def send_and_receive(self, messages, timeout: float = 0.0) -> list:  # noqa: ANN001
+        """Answer the partition-id queries the strategy sends."""
+        from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+        out = []
+        for msg in messages:
+            assert msg.metadata.message_type == MessageType.QUERY
+            record = MetricRecord({"partition-id": msg.metadata.dst_node_id - 1, "num-partitions": 20})
+            answer = Message(content=RecordDict({"partition": record}), reply_to=msg)
+            out.append(answer)
+        return out
+
+
+def reply(to: Message, arrays: ArrayRecord, loss: float, n: int) -> Message:
+    """A client's train reply carrying these arrays, loss and example count."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    metrics = MetricRecord({"train_loss": loss, "num-examples": n})
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=to)
+
+
+def smollm2_adapter(hidden: int, inter: int, layers: int, heads: int, kv: int) -> ArrayRecord:
+    """The baseline's DoRA r=8 adapter on a SmolLM2 architecture (built on the meta device)."""
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flowertune_llm.config import LoraSettings
+    from flowertune_llm.models import lora_config, state_to_arrays
+
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = get_peft_model(
+            LlamaForCausalLM(cfg), lora_config(LoraSettings(8, 16, 0.075, True, ()))
+        )
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    torch.manual_seed(0)
+    return state_to_arrays({k: torch.randn(s) for k, s in shapes.items()})
+
+
+def make_run(
+    root: Path, name: str, rounds_done: int, num_rounds: int = 4, overrides: dict | None = None,
+    validation: list[tuple[int, float]] | None = None, status: str | None = None, old: bool = False,
+    num_nodes: int = 20,
+) -> Path:
+    """A run folder as the ServerApp writes it (old=True: as runs from before run_config/status were recorded)."""
+    run = root / name
+    run.mkdir(parents=True)
+    rc = default_run_config(**{"num-server-rounds": num_rounds, **(overrides or {})})
+    config: dict[str, Any] = {"num_server_rounds": num_rounds, "model": {"name": rc["model.name"]},
+                              "dataset_name": rc["static.dataset.name"]}
+    if not old:
+        config["run"] = {"run_config": rc, "num_nodes": num_nodes, "flower_run_id": 7}
+    (run / "config.json").write_text(json.dumps(config))
+    lines = []
+    evals = dict(validation or [])
+    for rnd in range(0, rounds_done + 1):
+        line: dict[str, Any] = {"server_round": rnd}
+        if rnd:
+            line.update(train_loss=2.0 - 0.1 * rnd, mb_total=7.47 * rnd, mb_total_with_keys=7.5 * rnd,
+                        wall_time_s=10.0, **({} if old else {"peak_mem_mb": 900.0 + rnd}))
+        if rnd in evals:
+            line.update(val_mmlu_avg=evals[rnd], val_valid_letter_rate=0.5, val_letter_ceiling=0.25, val_eval_s=2.0)
+        if len(line) > 1:
+            lines.append(json.dumps(line))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if status:
+        (run / "status.json").write_text(json.dumps({"status": status, "started": 0.0, "updated": 95.0}))
+    return run

@@ -23,7 +23,9 @@ from flowertune_llm.schedule import sample_round
 from flowertune_llm.strategy import FlowerTuneFedAvg, RoundLog
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
 from tests.helpers import ROOT, tiny_run_config
-from tests.test_strategy import FakeGrid, reply, smollm2_adapter, task_identity  # noqa: F401
+from tests.helpers import FakeGrid, reply, smollm2_adapter
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run identity
 
 B_ALONE = """
 import sys

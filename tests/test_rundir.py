@@ -15,8 +15,7 @@ from flowertune_llm import rundir
 from flowertune_llm.cli import main as cli
 from flowertune_llm.rundir import latest_checkpoint, read_metrics, status_record
 from flowertune_llm.runs import find_runs, read_run
-from tests.test_after_training import make_run
-from tests.test_strategy import task_identity  # noqa: F401
+from tests.helpers import make_run
 
 
 def dead_pid() -> int:
@@ -69,7 +68,7 @@ def test_a_half_written_last_metrics_line_survives_runs_and_resume(
 
 
 def test_resume_from_round_5_of_a_run_that_had_reached_peft_10_ends_with_this_runs_final_checkpoint(
-    tmp_path: Path, tiny_llama_dir: Path, task_identity: None  # noqa: F811
+    tmp_path: Path, tiny_llama_dir: Path, task_identity: None
 ) -> None:
     from flwr.app import Context, RecordDict
 

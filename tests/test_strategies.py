@@ -14,10 +14,13 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flowertune_llm.client_app import dp_clipping_mod
 from flowertune_llm.config import DPSettings, parse_config
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
-from flowertune_llm.strategy import build_strategy, with_dp
+from flowertune_llm.config import cosine_lr
+from flowertune_llm.strategy import CommStats, FlowerTuneFedAvg, build_strategy, with_dp
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
 from tests.helpers import tiny_run_config
-from tests.test_strategy import FakeGrid, reply, task_identity  # noqa: F401
+from tests.helpers import FakeGrid, reply, smollm2_adapter
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run identity
 
 PARTITIONS = {n: n - 1 for n in range(1, 21)}  # FakeGrid's node ids 1..20
 PARAMS = {
@@ -213,3 +216,57 @@ def test_train_messages_without_dp_pass_through_the_mod(tiny) -> None:
     assert torch.equal(arrays_to_state(out.content["arrays"])[next(iter(far))], far[next(iter(far))])
     assert msg.metadata.message_type == MessageType.TRAIN
     assert isinstance(out.content["arrays"], ArrayRecord)
+
+
+# --- FedAvg weighting, the round LR, the reference communication figures ---------------------------------
+
+
+def run_round(strategy: FlowerTuneFedAvg, rnd: int, arrays: ArrayRecord, replies_fn):
+    from flwr.app import ConfigRecord
+
+    messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), FakeGrid()))
+    return messages, strategy.aggregate_train(rnd, [replies_fn(i, m) for i, m in enumerate(messages)])
+
+
+def test_fedavg_is_weighted_by_examples_and_sends_the_round_lr() -> None:
+    schedule = lambda rnd: cosine_lr(rnd, 10, 1e-3, 1e-5)  # noqa: E731
+    strategy = FlowerTuneFedAvg(schedule, fraction_train=0.1, fraction_evaluate=0.0)
+    glob = state_to_arrays({"w": torch.zeros(3, 2), "m": torch.ones(4)})
+    locals_ = [
+        ({"w": torch.full((3, 2), 1.0), "m": torch.full((4,), 2.0)}, 1.0, 10),
+        ({"w": torch.full((3, 2), 5.0), "m": torch.full((4,), 6.0)}, 3.0, 30),
+    ]
+    messages, (agg, metrics) = run_round(
+        strategy, 3, glob, lambda i, m: reply(m, state_to_arrays(locals_[i][0]), *locals_[i][1:])
+    )
+    assert len(messages) == 2  # 10% of 20 nodes
+    assert all(m.content["config"]["lr"] == pytest.approx(schedule(3)) for m in messages)
+    np.testing.assert_allclose(agg["w"].numpy(), np.full((3, 2), (10 * 1 + 30 * 5) / 40))
+    np.testing.assert_allclose(agg["m"].numpy(), np.full((4,), (10 * 2 + 30 * 6) / 40))
+    assert metrics["train_loss"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)
+    assert strategy.rounds[3].train_loss == pytest.approx(2.5)
+    assert strategy.rounds[3].replies == 2 and strategy.rounds[3].failures == 0
+
+
+
+
+@pytest.mark.parametrize(
+    ("arch", "payload_mb", "with_keys_mb"),
+    [
+        ((576, 1536, 30, 9, 3), 747.07, 751.56),  # SmolLM2-135M
+        ((960, 2560, 32, 15, 5), 1321.88, 1326.66),  # SmolLM2-360M
+    ],
+)
+def test_communication_over_100_rounds_matches_the_reference(
+    arch: tuple[int, ...], payload_mb: float, with_keys_mb: float
+) -> None:
+    adapter = smollm2_adapter(*arch)
+    strategy = FlowerTuneFedAvg(lambda r: 1e-5, fraction_train=0.1, fraction_evaluate=0.0)
+    for rnd in range(1, 4):  # every round moves the same bytes: 3 real rounds, then 97 more of the same
+        run_round(strategy, rnd, adapter, lambda i, m: reply(m, adapter, 1.0, 10))
+    first = strategy.rounds[1].comm_round
+    assert strategy.rounds[2].comm_round == first == strategy.rounds[3].comm_round
+    assert strategy.comm.total_payload_mb == pytest.approx(3 * first.total_payload_mb)
+    total = CommStats(**{k: v + 97 * getattr(first, k) for k, v in vars(strategy.comm).items()})
+    assert round(total.total_payload_mb, 2) == payload_mb
+    assert round(total.total_with_keys_mb, 2) == with_keys_mb
