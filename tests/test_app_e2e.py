@@ -15,8 +15,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from flowertune_llm.config import parse_config, run_config_arg
-from flowertune_llm.rundir import read_metrics
 from flowertune_llm.models import adapter_state, initial_adapter
+from flowertune_llm.rundir import read_metrics
 from tests.helpers import ALPACA_SUBSET, MMLU_VAL, ROOT, tiny_overrides, tiny_run_config
 from tests.processes import BIN, flower_env, round_lines, start_simulation_superlink, stop_tree
 
@@ -135,9 +135,9 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
 
     from safetensors.torch import load_file
 
-    from flowertune_llm.rundir import is_complete
     from flowertune_llm.evaluate.api import evaluate_mmlu
     from flowertune_llm.evaluate.validation import validation_questions
+    from flowertune_llm.rundir import is_complete
 
     evaluation = {"eval.every-round": 2, "eval.questions": 6, "eval.data": str(MMLU_VAL), "eval.batch-size": 2}
     base = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 4, "train.save-every-round": 2, **evaluation})

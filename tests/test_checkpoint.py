@@ -10,9 +10,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from flowertune_llm.checkpoint import Checkpointer, checkpoint_rounds, save_adapter
-from flowertune_llm.rundir import METADATA_FILE, new_run_dir
 from flowertune_llm.config import parse_config
 from flowertune_llm.models import adapter_state, initial_adapter, state_to_arrays
+from flowertune_llm.rundir import METADATA_FILE, new_run_dir
 from tests.helpers import tiny_run_config
 
 

@@ -17,13 +17,12 @@ from flowertune_llm.checkpoint import checkpoint_metadata, load_resume, save_ada
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.devices import default_device
 from flowertune_llm.metrics import RunLog
-from flowertune_llm.rundir import latest_checkpoint, read_metrics
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
+from flowertune_llm.rundir import latest_checkpoint, read_metrics
 from flowertune_llm.schedule import sample_round
 from flowertune_llm.strategy import FlowerTuneFedAvg, RoundLog
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
-from tests.helpers import ROOT, tiny_run_config
-from tests.helpers import FakeGrid, reply, smollm2_adapter
+from tests.helpers import ROOT, FakeGrid, reply, smollm2_adapter, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run identity
 

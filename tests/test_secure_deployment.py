@@ -22,13 +22,17 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from flowertune_llm.cli import main as flowertune_cli
-from flowertune_llm.config import parse_config
-from flowertune_llm.rundir import read_metrics
+from flowertune_llm.config import parse_config, run_config_arg
 from flowertune_llm.models import adapter_state, initial_adapter
+from flowertune_llm.rundir import read_metrics
 from tests.helpers import ROOT, tiny_overrides, tiny_run_config
-from flowertune_llm.config import run_config_arg
 from tests.processes import (
-    BIN, flower_env, round_lines, start_superlink, start_supernode, stop_tree,
+    BIN,
+    flower_env,
+    round_lines,
+    start_superlink,
+    start_supernode,
+    stop_tree,
 )
 
 pytestmark = pytest.mark.e2e

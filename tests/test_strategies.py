@@ -12,13 +12,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from flowertune_llm.client_app import dp_clipping_mod
-from flowertune_llm.config import DPSettings, parse_config
+from flowertune_llm.config import DPSettings, cosine_lr, parse_config
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
-from flowertune_llm.config import cosine_lr
 from flowertune_llm.strategy import CommStats, FlowerTuneFedAvg, build_strategy, with_dp
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
-from tests.helpers import tiny_run_config
-from tests.helpers import FakeGrid, reply, smollm2_adapter
+from tests.helpers import FakeGrid, reply, smollm2_adapter, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run identity
 

@@ -21,12 +21,12 @@ import time
 import torch
 from peft import get_peft_model, set_peft_model_state_dict
 
-from flowertune_llm.evaluate.model import load_model
-from flowertune_llm.evaluate.results import EvalResult
-from flowertune_llm.evaluate.runner import evaluate_questions
 from flowertune_llm.config import parse_config
 from flowertune_llm.evaluate.data import by_category, load_questions
+from flowertune_llm.evaluate.model import load_model
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
+from flowertune_llm.evaluate.results import EvalResult
+from flowertune_llm.evaluate.runner import evaluate_questions
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.models import initial_adapter
 from tests.benchmarks import machine

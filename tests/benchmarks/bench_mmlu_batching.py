@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from flowertune_llm.evaluate.data import by_category, load_questions
-from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, mcq_prompt
+from flowertune_llm.devices import default_device
 from flowertune_llm.evaluate.batching import check_batching
+from flowertune_llm.evaluate.data import by_category, load_questions
 from flowertune_llm.evaluate.generation import generate
 from flowertune_llm.evaluate.model import load_model
+from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES, mcq_prompt
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
-from flowertune_llm.devices import default_device
 from tests.benchmarks import machine
 
 MMLU_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mmlu" / "mmlu_test.jsonl"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+import flowertune_llm.train as train_mod
 from flowertune_llm.config import parse_config
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
 from flowertune_llm.models import initial_adapter
-import flowertune_llm.train as train_mod
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
 from tests.benchmarks import machine
 from tests.helpers import ALPACA_SUBSET, tiny_run_config

@@ -36,8 +36,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flowertune_llm import client_app, server_app
 from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
-from flowertune_llm.rundir import read_metrics
 from flowertune_llm.prompts import PROMPT_TEMPLATES
+from flowertune_llm.rundir import read_metrics
 from tests.benchmarks import machine
 from tests.helpers import ALPACA_SUBSET, MMLU_VAL, default_run_config
 

@@ -169,8 +169,8 @@ def check_evaluation(model_dir: Path, mmlu_val: Path, questions: int, device: st
     from peft import LoraConfig, get_peft_model
 
     from flowertune_llm.evaluate.data import by_category, load_questions, stratified_sample
-    from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
     from flowertune_llm.evaluate.model import load_model
+    from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
     from flowertune_llm.evaluate.runner import evaluate_questions
 
     qs = stratified_sample(by_category(load_questions(str(mmlu_val), "validation"), list(LEADERBOARD_CATEGORIES)),
