@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flowertune_llm.evaluate.protocol import FULL_TEST_COUNTS, LEADERBOARD_CATEGORIES
+from flowertune_llm.gguf import imported_source
 
 #: The static dataset: `[tool.flwr.app.config.static] dataset.name` of Flower's general-nlp template
 #: and the leaderboard README since flwr PR #5205 (2025-04-08).
@@ -57,7 +58,7 @@ def run_violations(
     """One line per rule a training run breaks, naming key and value (num_nodes/comm_mb None: not known yet)."""
     lines = [v for v in [dataset_violation(dataset)] if v]
     if is_local_model(base_model):
-        gguf = base_model.lower().endswith(".gguf") or (Path(base_model).expanduser() / "flowertune_import.json").is_file()
+        gguf = base_model.lower().endswith(".gguf") or imported_source(base_model) is not None
         kind = "a GGUF import (close to, not bit-equal with, the hub weights)" if gguf else "a local model"
         lines.append(f"model.name={base_model!r}: {kind}; the leaderboard loads the base model from the hub by its id")
     if num_nodes is not None and num_nodes != NUM_SUPERNODES:

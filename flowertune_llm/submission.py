@@ -36,16 +36,10 @@ def app_config(app: Path) -> dict[str, Any]:
     return flatten_dict(get_project_config(str(app))["tool"]["flwr"]["app"].get("config", {}))
 
 
-def recorded_dataset(run: RunRecord) -> str:
-    """The static dataset the run trained on, as its config.json recorded it."""
-    recorded = (run.config.get("run") or {}).get("run_config") or {}
-    return str(recorded.get("static.dataset.name", run.config.get("dataset_name", "")))
-
-
 def rule_violations(run: RunRecord) -> list[str]:
     """One line per leaderboard rule (rules.py) the run breaks, plus what an entry needs: a complete run, its final
     checkpoint. Read from the run folder alone: what the run trained on, not what an app folder says now."""
-    lines = rules.run_violations(recorded_dataset(run), run.base_model, run.num_nodes, run.comm_total_with_keys_mb)
+    lines = list(run.rule_violations)
     if run.num_nodes is None:
         lines.append("num_nodes: not recorded in config.json (a run from before node counts were recorded)")
     if run.status != "complete":
@@ -131,7 +125,7 @@ def readme(run: RunRecord, ev: Evaluation, defaults: dict[str, Any], violations:
     s = ev.summary
     cats = s["categories"]
     rc = (run.config.get("run") or {}).get("run_config") or {}
-    dataset = rc.get("static.dataset.name", run.config.get("dataset_name", ""))
+    dataset = run.dataset
     questions = {c: cats[c]["total"] for c in LEADERBOARD_CATEGORIES}
     full = all(questions[c] == rules.EVAL_COUNTS[c] for c in LEADERBOARD_CATEGORIES)
     method = "DoRA" if rc.get("model.lora.use-dora") else "LoRA"
