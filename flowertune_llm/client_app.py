@@ -49,7 +49,8 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(msg.content["config"]["server-round"]),
     )
     metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples,
-                            "rows-trained": result.rows_trained, **result.device})
+                            "rows-trained": result.rows_trained, "partition-rows": result.partition_rows,
+                            **result.device})
     arrays = state_to_arrays(result.state, cfg.comm.dtype)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

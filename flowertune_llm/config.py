@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowertune_llm.prompts import PROMPT_TEMPLATES
+from flowertune_llm.prompts import MCQ_OPTIONS, PROMPT_TEMPLATES
 
 #: SFTConfig fields this app derives from other keys; users set those keys instead.
 _OWNED_TRAINING_ARGUMENTS = {
@@ -27,7 +27,7 @@ _OWNED_TRAINING_ARGUMENTS = {
 _TA_PREFIX = "train.training-arguments."
 #: Keys besides train.training-arguments.* that reach the SFTConfig a client builds (train.sft_config).
 _SFT_INPUT_KEYS = ("train.seq-length", "train.learning-rate-max", "train.seed", "train.dynamic-data-seed",
-                   "model.gradient-checkpointing")
+                   "train.mcq-rotations", "model.gradient-checkpointing")
 _QUANTIZATION_VALUES = {"4": 4, "8": 8, "0": 0, "none": 0}
 
 
@@ -69,9 +69,22 @@ class TrainSettings:
     resume_from: str  # "" = fresh run; else a peft_<N> folder or a run folder
     prompt_template: str  # "alpaca", "chat", "qa" or "mcq" (see prompts.py)
     mcq_fraction: float  # mcq: share of rows turned into multiple-choice questions
+    mcq_rotations: bool  # mcq: each question in its four cyclic rotations, in the same round (schedule.rotation_order)
+    mcq_balance: float  # mcq: weight of the letter-balance term (train.letter_balance); 0 = off
+    mcq_options: str  # mcq: "random" (other rows' outputs, whole) or "similar" (like MMLU's: see prompts.py)
     dynamic_data_seed: bool  # a new row order each round (schedule.row_order); False: the same order every round
     release_memory: bool  # CPU: glibc returns large freed buffers at once (devices.release_memory_to_os)
     training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
+
+    @property
+    def rotates(self) -> bool:
+        """True when the run trains mcq questions in their four rotations (and orders each round's rows itself)."""
+        return self.prompt_template == "mcq" and self.mcq_rotations
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per device and step (transformers' default 8 where unset)."""
+        return int(dict(self.training_arguments).get("per_device_train_batch_size", 8))
 
     def rows_per_round(self, num_rows: int) -> int:
         """Distinct rows of a `num_rows` partition one local round trains on (transformers' defaults where unset)."""
@@ -286,6 +299,20 @@ def _training_arguments(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
+def _mcq_settings(train: TrainSettings) -> None:
+    """The mcq keys that only make sense together (checked for the mcq template only)."""
+    if not 0.0 <= train.mcq_balance < math.inf:
+        raise ConfigError(f"train.mcq-balance={train.mcq_balance!r}: must be >= 0 (0 = off)")
+    if train.prompt_template != "mcq":
+        return
+    if train.mcq_balance > 0 and not train.mcq_rotations:
+        raise ConfigError(f"train.mcq-balance={train.mcq_balance!r} needs train.mcq-rotations=true: the term is "
+                          "taken over each question's four rotations")
+    if train.mcq_rotations and train.batch_size % 4:
+        raise ConfigError(f"{_TA_PREFIX}per-device-train-batch-size={train.batch_size} with train.mcq-rotations=true: "
+                          "must be a multiple of 4, so a question's four rotations share a batch")
+
+
 def parse_config(run_config: Mapping[str, Any]) -> Config:
     """Validate a flat run_config and build the typed Config; errors name the key."""
     targets = _as_str(run_config, "model.lora.target-modules", allow_empty=True)
@@ -308,18 +335,26 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
         resume_from=_as_str(run_config, "train.resume-from", allow_empty=True),
         prompt_template=_choice(run_config, "train.prompt-template", PROMPT_TEMPLATES),
         mcq_fraction=_as_float(run_config, "train.mcq-fraction"),
+        mcq_rotations=_as_bool(run_config, "train.mcq-rotations"),
+        mcq_balance=_as_float(run_config, "train.mcq-balance"),
+        mcq_options=_choice(run_config, "train.mcq-options", MCQ_OPTIONS),
         dynamic_data_seed=_as_bool(run_config, "train.dynamic-data-seed"),
         release_memory=_as_bool(run_config, "train.release-memory"),
         training_arguments=_training_arguments(run_config),
     )
     strategy_key = f"{_TA_PREFIX}train-sampling-strategy"
-    if train.dynamic_data_seed and run_config.get(strategy_key, "random") != "random":
-        raise ConfigError(
-            f"{strategy_key}={run_config[strategy_key]!r}: train.dynamic-data-seed=true orders each round's rows "
-            "itself; set train.dynamic-data-seed=false to use another sampling strategy"
-        )
+    if run_config.get(strategy_key, "random") != "random":
+        if train.dynamic_data_seed:
+            raise ConfigError(
+                f"{strategy_key}={run_config[strategy_key]!r}: train.dynamic-data-seed=true orders each round's rows "
+                "itself; set train.dynamic-data-seed=false to use another sampling strategy"
+            )
+        if train.rotates:
+            raise ConfigError(f"{strategy_key}={run_config[strategy_key]!r}: train.mcq-rotations=true orders each "
+                              "round's rows itself (a question's rotations together)")
     if not 0.0 <= train.mcq_fraction <= 1.0:
         raise ConfigError(f"train.mcq-fraction={train.mcq_fraction!r}: must be in [0, 1]")
+    _mcq_settings(train)
     if not 0.0 <= train.learning_rate_min <= train.learning_rate_max:
         raise ConfigError(
             f"train.learning-rate-min={train.learning_rate_min!r}: must be in "

@@ -107,12 +107,14 @@ def validate_dataset(name: str) -> int:
 @lru_cache(maxsize=8)
 def load_partition(
     name: str, partition_id: int, num_partitions: int, seed: int, template: str = "alpaca",
-    mcq_fraction: float = 0.0, tokenizer_name: str = "", seq_length: int = 512,
+    mcq_fraction: float = 0.0, tokenizer_name: str = "", seq_length: int = 512, mcq_rotations: bool = False,
+    mcq_options: str = "random",
 ) -> Dataset:
     """One client's IID share in prompt-completion form for a prompt template (cached per process).
 
-    ``mcq`` also needs the share of multiple-choice rows and the tokenizer and sequence length
-    the examples must fit (`prompts.mcq_examples`).
+    ``mcq`` also needs the share of multiple-choice rows, the tokenizer and sequence length the
+    examples must fit, whether questions come in their four rotations and where options come
+    from (`prompts.mcq_examples`).
     """
     partition = federated_dataset(name, num_partitions, seed).load_partition(partition_id, "train")
     check_columns(partition, name)
@@ -122,7 +124,8 @@ def load_partition(
         raise ValueError("the mcq template needs the model's tokenizer to fit train.seq-length")
     fits, shorten = token_budget(tokenizer_name, seq_length)
     rows = partition.select_columns(list(REQUIRED_COLUMNS)).to_list()
-    return Dataset.from_list(mcq_examples(rows, seed, partition_id, mcq_fraction, fits, shorten))
+    return Dataset.from_list(mcq_examples(rows, seed, partition_id, mcq_fraction, fits, shorten,
+                                          rotate=mcq_rotations, options=mcq_options))
 
 
 def token_budget(tokenizer_name: str, seq_length: int):  # -> (fits, shorten)

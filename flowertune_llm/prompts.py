@@ -6,11 +6,16 @@
   model is later asked in.
 - ``mcq``: with probability ``train.mcq-fraction`` a row becomes a multiple-choice question built
   from the client's own partition (its output and three other rows' outputs as options A-D, in the
-  evaluation's own prompt, the gold letter as the completion); the other rows stay ``qa``.
+  evaluation's own prompt, the gold letter as the completion), optionally in all four cyclic
+  rotations (``train.mcq-rotations``) and with options like MMLU's (``train.mcq-options``); the
+  other rows stay ``qa``.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,6 +73,66 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+#: `train.mcq-options`: where a question's distractors come from and how long its options are.
+MCQ_OPTIONS = ("random", "similar")
+#: Options like MMLU's (`similar`): at most this many tokens (MMLU's median option is 4 words).
+SHORT_OPTION_TOKENS = 20
+#: Words that say nothing about an instruction's topic (left out of the similarity).
+_STOP_WORDS = frozenset(
+    "a an and are as at be by can do does for from given how i in into is it its me of on or that the this to "
+    "what when where which who why will with you your".split()
+)
+
+
+def first_sentence(text: str) -> str:
+    """The text up to its first sentence end (". ", "! ", "? "; not a list number's "1. "), on one line: an option
+    as short as MMLU's."""
+    text = one_line(text)
+    match = re.search(r"(?<=[^0-9\s][.!?])\s", text)
+    return text[: match.start()] if match else text
+
+
+def similar_rows(instructions: Sequence[str], seed: int, partition_id: int) -> list[list[int]]:
+    """For each row, the other rows by how much its instruction shares with theirs (rarest words weigh most).
+
+    Score = sum of log(n / df) over the words two instructions share (stop words and words of one
+    row left out; words in more than max(5%, 50) rows skipped, so the cost stays near-linear);
+    ties and rows sharing nothing follow a seeded order, so the result is a function of
+    (instructions, seed, partition) alone.
+    """
+    n = len(instructions)
+    words = [set(re.findall(r"[a-z0-9]+", text.lower())) - _STOP_WORDS for text in instructions]
+    df = Counter(w for ws in words for w in ws)
+    max_df = max(50, n // 20)
+    postings: dict[str, list[int]] = {}
+    for i, ws in enumerate(words):
+        for w in ws:
+            if 1 < df[w] <= max_df:
+                postings.setdefault(w, []).append(i)
+    rng = np.random.default_rng([seed, partition_id, 0x73696D])  # "sim"
+    fallback = rng.permutation(n)
+    rank = np.empty(n, dtype=np.int64)
+    rank[fallback] = np.arange(n)
+    ranked = []
+    for i, ws in enumerate(words):
+        scores: Counter[int] = Counter()
+        for w in ws:
+            weight = math.log(n / df[w]) if w in postings else 0.0
+            for j in postings.get(w, ()):
+                scores[j] += weight
+        scores.pop(i, None)
+        close = sorted(scores, key=lambda j: (-round(scores[j], 9), rank[j]))
+        seen = set(close)
+        ranked.append(close + [int(j) for j in fallback if j != i and j not in seen])
+    return ranked
+
+
+def rotations(options: Sequence[str], gold: int) -> list[tuple[list[str], int]]:
+    """The four cyclic rotations of a question's options: (options, gold index) with the gold at A, B, C, D."""
+    k = len(options)
+    return [([options[(i - r + gold) % k] for i in range(k)], r) for r in range(k)]
+
+
 def mcq_examples(
     rows: Sequence[dict[str, str]],
     seed: int,
@@ -75,42 +140,66 @@ def mcq_examples(
     fraction: float,
     fits: Callable[[str, str], bool],
     shorten: Callable[[str, int], str],
+    rotate: bool = False,
+    options: str = "random",
 ) -> list[dict[str, Any]]:
-    """The ``mcq`` template of one partition: each row as a multiple-choice example or in ``qa`` form.
+    """The ``mcq`` template of one partition: each row as multiple-choice example(s) or in ``qa`` form.
 
     Deterministic given (seed, partition_id) and the rows: every random draw of a row is made
     whether or not the row becomes a question, so one row's fate never shifts another's. A
-    question's options are its own output and the outputs of three other rows of the partition
-    (distinct texts, each on one line), in the evaluation protocol's prompt (`evaluate.protocol.mcq_prompt`), with
-    the gold position uniform over A-D; the completion is the gold letter (TRL adds the end token).
-    `fits(prompt, completion)` says whether an example fits `train.seq-length`; when it does not,
+    question's options are its own output and three other rows' outputs (distinct texts, each on
+    one line), in the evaluation protocol's prompt (`evaluate.protocol.mcq_prompt`); the completion
+    is the gold letter (TRL adds the end token). `options="random"`: distractors from rows in a
+    seeded order, whole; `"similar"`: from the rows whose instructions share most with this one
+    (`similar_rows`), every option cut to its first sentence and `SHORT_OPTION_TOKENS` tokens.
+    Without `rotate` the gold position is drawn uniformly; with it the row gives four examples,
+    its options' cyclic rotations with the gold at A, B, C and D, one after another.
+    `fits(prompt, completion)` says whether an example fits `train.seq-length`; when one does not,
     every option is cut to the same number of tokens with `shorten(text, tokens)`, halving until
-    it fits, never the question; a row that still does not fit stays in ``qa`` form.
+    all fit, never the question; a row that still does not fit stays in ``qa`` form.
+    Every example carries `mcq_row` (the row's index) and `mcq_rotation` (0-3 for a rotation of a
+    question, -1 otherwise): the trainer keeps a row's rotations together (`schedule.rotation_order`).
     """
+    if options not in MCQ_OPTIONS:
+        raise ValueError(f"mcq options {options!r}: expected one of {', '.join(MCQ_OPTIONS)}")
     rng = np.random.default_rng([seed, partition_id, 0x6D6371])  # "mcq"
-    outputs = [one_line(row["output"]) for row in rows]  # an option is one line, as in MMLU
+    if options == "similar":
+        outputs = [shorten(first_sentence(row["output"]), SHORT_OPTION_TOKENS) for row in rows]
+        neighbours = similar_rows([user_text(r["instruction"], r.get("input") or "") for r in rows], seed, partition_id)
+    else:
+        outputs = [one_line(row["output"]) for row in rows]  # an option is one line, as in MMLU
+        neighbours = None
     examples = []
     for i, row in enumerate(rows):
         chosen = rng.random() < fraction
-        order = rng.permutation(len(rows))  # candidate distractors, in a seeded order
+        order = rng.permutation(len(rows)) if neighbours is None else neighbours[i]  # candidate distractors
         gold = int(rng.integers(len(LETTERS)))
-        distractors = []
+        distractors: list[str] = []
         for j in order:
             if j != i and outputs[j] and outputs[j] != outputs[i] and outputs[j] not in distractors:
                 distractors.append(outputs[j])
             if len(distractors) == len(LETTERS) - 1:
                 break
-        qa = to_prompt_completion(row, "qa")
+        qa = {**to_prompt_completion(row, "qa"), "mcq_row": i, "mcq_rotation": -1}
         if not chosen or len(distractors) < len(LETTERS) - 1 or not outputs[i]:
             examples.append(qa)
             continue
-        options = distractors[:gold] + [outputs[i]] + distractors[gold:]
         question = user_text(row["instruction"], row.get("input") or "")
-        example = {"prompt": mcq_prompt(question, options), "completion": LETTERS[gold]}
-        limit = max(len(o) for o in options)  # tokens never outnumber characters
-        while not fits(example["prompt"], example["completion"]) and limit > 1:
+        base = distractors[:gold] + [outputs[i]] + distractors[gold:]
+        forms = rotations(base, gold) if rotate else [(base, gold)]
+
+        built = _mcq_forms(question, base, forms, i, rotate, None)
+        limit = max(len(o) for o in base)  # tokens never outnumber characters
+        while not all(fits(e["prompt"], e["completion"]) for e in built) and limit > 1:
             limit //= 2
-            cut = [shorten(o, limit) for o in options]
-            example = {"prompt": mcq_prompt(question, cut), "completion": LETTERS[gold]}
-        examples.append(example if fits(example["prompt"], example["completion"]) else qa)
+            built = _mcq_forms(question, base, forms, i, rotate, [shorten(o, limit) for o in base])
+        examples.extend(built if all(fits(e["prompt"], e["completion"]) for e in built) else [qa])
     return examples
+
+
+def _mcq_forms(question: str, base: list[str], forms: list[tuple[list[str], int]], row: int, rotate: bool,
+               cut: list[str] | None) -> list[dict[str, Any]]:
+    """A question's example(s): each form's options (cut to `cut`, the same per option, when given) and gold letter."""
+    return [{"prompt": mcq_prompt(question, [cut[base.index(o)] if cut else o for o in opts]),
+             "completion": LETTERS[g], "mcq_row": row, "mcq_rotation": g if rotate else -1}
+            for opts, g in forms]

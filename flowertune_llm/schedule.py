@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +52,52 @@ def rows_per_round(
     return min(num_rows, steps * per_step)
 
 
+#: A question's rotations (and a run of single examples) form a block of this many examples.
+BLOCK = 4
+
+
+def rotation_order(
+    order: Sequence[int], example_rows: Sequence[int], budget: int | None
+) -> tuple[list[int], int]:
+    """A round's examples when questions come in four rotations: their indices, and how many rows they train.
+
+    `order` is the round's row order (`row_order`), `example_rows[e]` the row (0..rows-1) of
+    example e; a row's examples (1, or 4 rotations) stay together. Rows are taken in order while
+    their examples fit `budget` (max_steps x batch x accumulation; None: every row), so the rows
+    trained are the first k of `order`, what `Coverage` counts. The examples are laid out in blocks of
+    four, each a question's rotations or four single rows, so with a batch that is a multiple of 4 no
+    question is split across batches; the last block of single rows is completed by repeating
+    single rows of the round (at most 3 repeats), so the round has exactly `budget` examples
+    whenever the rows allow it, and each letter is the gold letter equally often.
+    """
+    by_row: dict[int, list[int]] = {}
+    for e, r in enumerate(example_rows):
+        by_row.setdefault(int(r), []).append(e)
+    blocks: list[list[int]] = []
+    pending: list[int] = []
+    singles: list[int] = []
+    used = taken = 0
+    for r in order:
+        examples = by_row.get(int(r), [])
+        if budget is not None and used + len(examples) > budget:
+            break
+        used += len(examples)
+        taken += 1
+        if len(examples) == 1:
+            pending.append(examples[0])
+            singles.append(examples[0])
+            if len(pending) == BLOCK:
+                blocks.append(pending)
+                pending = []
+        elif examples:
+            blocks.append(examples)
+    if pending and budget is not None and singles:
+        gap = min(budget - used, BLOCK - len(pending))
+        pending += [singles[i % len(singles)] for i in range(gap)]
+    out = [e for block in blocks for e in block] + pending
+    return out, taken
+
+
 @dataclass
 class Coverage:
     """Which rows of each partition a run has trained on so far (recomputed, never reported by clients)."""
@@ -82,7 +128,8 @@ class Coverage:
         for line in sorted(metrics, key=lambda m: m.get("server_round", 0)):
             for client in line.get("client_losses") or []:
                 if client.get("rows_trained") is not None and client.get("partition") is not None:
-                    coverage.add(line["server_round"], client["partition"], client["examples"], client["rows_trained"])
+                    coverage.add(line["server_round"], client["partition"], client.get("rows", client["examples"]),
+                                 client["rows_trained"])
         return coverage
 
 

@@ -229,8 +229,11 @@ class FlowerTuneMixin:
             }
             if "rows-trained" in metrics and client["partition"] is not None:
                 client["rows_trained"] = int(metrics["rows-trained"])
+                if "partition-rows" in metrics:  # with mcq rotations a row is several examples
+                    client["rows"] = int(metrics["partition-rows"])
                 client["rows_new"] = self.coverage.add(
-                    round_log.server_round, client["partition"], client["examples"], client["rows_trained"]
+                    round_log.server_round, client["partition"], client.get("rows", client["examples"]),
+                    client["rows_trained"],
                 )
             round_log.client_losses.append(client)
             good.append(msg)

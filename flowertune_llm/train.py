@@ -35,7 +35,9 @@ from flowertune_llm.devices import (
     warn_if_several_gpus,
 )
 from flowertune_llm.models import AdapterState, adapter_state, build_peft_model, set_adapter_state
-from flowertune_llm.schedule import row_order
+from flowertune_llm.evaluate.generation import letter_token_ids
+from flowertune_llm.letter_balance import ROTATION_COLUMN, LetterBalance
+from flowertune_llm.schedule import rotation_order, row_order
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class RoundResult:
     train_loss: float
     num_examples: int
     rows_trained: int = 0  # distinct rows of the partition this round trained on (schedule.Coverage counts them)
+    partition_rows: int = 0  # the partition's rows (= num_examples unless mcq rotations make a row 4 examples)
     device: dict[str, float] = field(default_factory=dict)  # peak memory of the round, GPU used, GPUs visible
 
 
@@ -87,7 +90,7 @@ def sft_config(cfg: Config, lr: float, output_dir: str, device: str) -> SFTConfi
         save_strategy="no",
         disable_tqdm=True,
     )
-    if cfg.train.dynamic_data_seed:  # the round's rows come pre-ordered (schedule.row_order): keep that order
+    if cfg.train.dynamic_data_seed or cfg.train.rotates:  # the round's rows come pre-ordered (schedule): keep that order
         args["train_sampling_strategy"] = "sequential"
     args.setdefault("report_to", "none")
     return OneDeviceSFTConfig(**args)
@@ -196,19 +199,41 @@ def reset_adapter(model: PeftModel, state: AdapterState) -> None:
 
 
 class ProximalSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss adds FedProx's mu/2 * ||w - w_global||^2 over the adapter weights."""
+    """SFTTrainer whose loss adds FedProx's mu/2 * ||w - w_global||^2 over the adapter weights, and with
+    `mcq_balance` > 0 the letter-balance term over each batch's complete rotation groups (letter_balance.py)."""
 
-    def __init__(self, *args: Any, proximal_mu: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, proximal_mu: float = 0.0, mcq_balance: float = 0.0, **kwargs: Any) -> None:
         self.proximal_mu = proximal_mu
         self.anchor: dict[str, torch.Tensor] = {}
         if proximal_mu > 0:  # the global adapter, before any local step
             model = kwargs["model"]
             self.anchor = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         super().__init__(*args, **kwargs)
+        self.balance = None
+        if mcq_balance > 0:
+            self.balance = LetterBalance(self.model, letter_token_ids(self.processing_class), mcq_balance)
+            self.data_collator = _KeepRotation(self.data_collator)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if getattr(self, "balance", None) is not None and ROTATION_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROTATION_COLUMN]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        """The SFT loss, plus the proximal term when mu > 0."""
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        """The SFT loss, plus the proximal term when mu > 0 and the letter-balance term when it is on."""
+        rotations = inputs.pop(ROTATION_COLUMN, None)
+        if self.balance is None or rotations is None:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+        else:
+            with self.balance.capture():
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+            term = self.balance.term(inputs["labels"], rotations)
+            if term is not None:
+                if num_items_in_batch is not None:  # Trainer leaves accumulation to the loss: average the term over it
+                    term = term / self.current_gradient_accumulation_steps
+                out = (out[0] + term, out[1]) if return_outputs else out + term
         if self.proximal_mu <= 0:
             return out
         prox = sum(
@@ -219,6 +244,18 @@ class ProximalSFTTrainer(SFTTrainer):
         if return_outputs:
             return out[0] + 0.5 * self.proximal_mu * prox, out[1]
         return out + 0.5 * self.proximal_mu * prox
+
+
+class _KeepRotation:
+    """TRL's collator, plus the batch's rotation column as a tensor (the balance term needs it)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner([{k: v for k, v in e.items() if k != ROTATION_COLUMN} for e in examples])
+        batch[ROTATION_COLUMN] = torch.tensor([int(e.get(ROTATION_COLUMN, -1)) for e in examples])
+        return batch
 
 
 def make_trainer(
@@ -248,6 +285,7 @@ def make_trainer(
         reset_adapter(model, global_state)
     trainer = ProximalSFTTrainer(
         proximal_mu=proximal_mu,
+        mcq_balance=cfg.train.mcq_balance if cfg.train.rotates else 0.0,
         model=model,
         args=sft_config(cfg, lr, output_dir, device),
         train_dataset=dataset,
@@ -269,7 +307,31 @@ def partition_for(cfg: Config, partition_id: int, num_partitions: int) -> Datase
     return load_partition(
         cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.train.prompt_template,
         cfg.train.mcq_fraction if mcq else 0.0, cfg.model.name if mcq else "", cfg.train.seq_length if mcq else 512,
+        cfg.train.rotates, cfg.train.mcq_options if mcq else "random",
     )
+
+
+def round_examples(cfg: Config, dataset: Dataset, server_round: int, partition_id: int) -> tuple[Dataset, int, int]:
+    """The round's examples in training order, the rows they train and the partition's rows.
+
+    With `train.dynamic-data-seed` a new order of rows each round (`schedule.row_order`); with mcq
+    rotations a row's examples stay together, in blocks a batch never splits (`schedule.rotation_order`);
+    otherwise (neither) the trainer's own order, one example per row.
+    """
+    num_examples = len(dataset)
+    if cfg.train.rotates:
+        rows = sorted(set(dataset["mcq_row"]))  # TRL may have dropped a row: number the rest 0..n-1
+        dense = {r: i for i, r in enumerate(rows)}
+        order = row_order(cfg.train.seed, server_round, partition_id, len(rows), dynamic=cfg.train.dynamic_data_seed)
+        args = dict(cfg.train.training_arguments)
+        steps = int(args.get("max_steps", -1))
+        budget = steps * cfg.train.batch_size * int(args.get("gradient_accumulation_steps", 1)) if steps > 0 else None
+        indices, taken = rotation_order(order, [dense[r] for r in dataset["mcq_row"]], budget)
+        return dataset.select(indices), taken, len(rows)
+    if cfg.train.dynamic_data_seed:
+        order = row_order(cfg.train.seed, server_round, partition_id, num_examples, dynamic=True)
+        dataset = dataset.select(order)
+    return dataset, cfg.train.rows_per_round(num_examples), num_examples
 
 
 def train_one_round(
@@ -295,7 +357,7 @@ def train_one_round(
     if cfg.train.release_memory and device == "cpu":
         devices.release_memory_to_os()
     key = (cfg.dataset_name, partition_id, num_partitions, cfg.train.seed, cfg.model.name, cfg.train.seq_length,
-           cfg.train.prompt_template, cfg.train.mcq_fraction)
+           cfg.train.prompt_template, cfg.train.mcq_fraction, cfg.train.rotates, cfg.train.mcq_options)
     dataset = tokenized.get(key) if tokenized is not None else None
     if dataset is None:
         dataset = partition_for(cfg, partition_id, num_partitions)
@@ -307,9 +369,8 @@ def train_one_round(
         if tokenized is not None:
             tokenized.put(key, trainer.train_dataset)
         num_examples = len(trainer.train_dataset)  # after TRL dropped rows with no response left
-        if cfg.train.dynamic_data_seed:
-            order = row_order(cfg.train.seed, server_round, partition_id, num_examples, dynamic=True)
-            trainer.train_dataset = trainer.train_dataset.select(order)
+        trainer.train_dataset, rows_trained, partition_rows = round_examples(
+            cfg, trainer.train_dataset, server_round, partition_id)
         result = trainer.train()
         state = adapter_state(trainer.model)
         used = {**memory.peak_mb(), "gpu": float(trainer.args.device.index or 0) if device != "cpu" else -1.0,
@@ -317,8 +378,8 @@ def train_one_round(
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise RuntimeError(f"partition {partition_id}: training loss is {loss}")
-    return RoundResult(state=state, train_loss=loss, num_examples=num_examples,
-                       rows_trained=cfg.train.rows_per_round(num_examples), device=used)
+    return RoundResult(state=state, train_loss=loss, num_examples=num_examples, rows_trained=rows_trained,
+                       partition_rows=partition_rows, device=used)
 
 
 def evaluate_adapter(

@@ -1,0 +1,275 @@
+"""The letter prior of `mcq`: rotations, the balance term, MMLU-like options, and the diagnostics that show it."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowertune_llm.config import ConfigError, parse_config
+from flowertune_llm.dataset import federated_dataset, load_partition
+from flowertune_llm.letter_balance import answer_positions, complete_groups, letter_balance
+from flowertune_llm.prompts import first_sentence, mcq_examples, rotations, similar_rows, to_prompt_completion
+from flowertune_llm.schedule import Coverage, rotation_order, row_order
+from tests.helpers import ALPACA_SUBSET, ROOT, tiny_run_config
+
+LETTERS = ("A", "B", "C", "D")
+
+
+def options_of(prompt: str) -> list[str]:
+    """The option texts of an mcq prompt, in letter order."""
+    block = prompt.split("\nOptions:\n", 1)[1].split("\nThe answer is:", 1)[0].split("\n")
+    assert [o[:3] for o in block] == ["A. ", "B. ", "C. ", "D. "]
+    return [o[3:] for o in block]
+
+
+def rotated_rows(model_dir: Path, options: str = "random", partition: int = 0, fraction: float = 0.5):
+    """A partition of the local alpaca sample in mcq form with rotations (sequence 512: questions fit)."""
+    return load_partition(str(ALPACA_SUBSET), partition, 20, 42, "mcq", fraction, str(model_dir), 512, True, options)
+
+
+# --- the four rotations ---------------------------------------------------------------------------------------------
+
+
+def test_rotations_put_the_gold_at_each_letter_in_cyclic_order() -> None:
+    forms = rotations(["x", "GOLD", "y", "z"], 1)
+    assert [g for _, g in forms] == [0, 1, 2, 3]
+    assert [opts[g] for opts, g in forms] == ["GOLD"] * 4
+    assert forms[0][0] == ["GOLD", "y", "z", "x"]
+    for (a, _), (b, _) in zip(forms, forms[1:]):
+        assert b == [a[-1]] + a[:-1]  # each rotation shifts the options one place
+
+
+def test_a_rows_four_rotations_decoded_gold_letter_option_order_and_loss_on_letter_and_end_token(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    from flowertune_llm.models import initial_adapter
+    from flowertune_llm.prompts import one_line
+    from flowertune_llm.train import make_trainer
+
+    originals = federated_dataset(str(ALPACA_SUBSET), 20, 42).load_partition(0, "train").to_list()
+    data = rotated_rows(tiny_llama_dir)
+    rows = data.to_list()
+    by_row = Counter(r["mcq_row"] for r in rows)
+    assert set(by_row.values()) == {1, 4} and sorted(by_row) == list(range(len(originals)))  # every row, 1 or 4 times
+    row = next(r for r, n in by_row.items() if n == 4 and " ..." not in rows[[x["mcq_row"] for x in rows].index(r)]["prompt"])
+    idx = [i for i, r in enumerate(rows) if r["mcq_row"] == row]
+    assert idx == list(range(idx[0], idx[0] + 4))  # one after another
+    group = [rows[i] for i in idx]
+    assert [e["completion"] for e in group] == list(LETTERS) and [e["mcq_rotation"] for e in group] == [0, 1, 2, 3]
+    opts = [options_of(e["prompt"]) for e in group]
+    gold = one_line(originals[row]["output"])
+    assert [o[k] for k, o in enumerate(opts)] == [gold] * 4  # the row's own output at A, B, C, D
+    for a, b in zip(opts, opts[1:]):
+        assert b == [a[-1]] + a[:-1]  # cyclic rotations of one option list
+    qa = [r for r in rows if r["mcq_rotation"] == -1]
+    assert qa and all(r["completion"] not in LETTERS for r in qa)  # the rest stays qa
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"train.prompt-template": "mcq", "train.seq-length": 512,
+                                                           "train.mcq-rotations": True}))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    trainer = make_trainer(cfg, start, data.select(idx), 1e-3, str(tmp_path))
+    tok = trainer.processing_class
+    for k in range(4):
+        batch = trainer.data_collator([trainer.train_dataset[k]])
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        assert tok.decode([t for t, lab in zip(ids, labels) if lab != -100]) == LETTERS[k] + "<|im_end|>"
+        assert tok.decode([t for t, lab in zip(ids, labels) if lab == -100]) == group[k]["prompt"]
+
+
+def test_rotation_order_keeps_groups_whole_takes_a_prefix_of_rows_and_fills_the_last_block() -> None:
+    example_rows = [0, 1, 1, 1, 1, 2, 3, 3, 3, 3, 4, 5]  # rows 1 and 3 are questions (4 rotations each)
+    out, taken = rotation_order([2, 1, 0, 3, 4, 5], example_rows, budget=8)
+    assert taken == 3 and out == [1, 2, 3, 4, 5, 0, 5, 0]  # rows 2, 1, 0; row 3 does not fit; 2 singles repeated
+    out, taken = rotation_order([1, 3, 0, 2, 4, 5], example_rows, budget=8)
+    assert taken == 2 and out == [1, 2, 3, 4, 6, 7, 8, 9]
+    out, taken = rotation_order([2, 1, 0, 3, 4, 5], example_rows, budget=None)  # by epochs: every row
+    assert taken == 6 and sorted(out) == list(range(12))
+
+
+def test_a_clients_round_trains_each_letter_equally_often_with_whole_groups_per_batch(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the batches the trainer computes its loss on: equal A/B/C/D counts, no question split over batches,
+    and the rows the server counts (a prefix of the round's row order) are the rows trained."""
+    from flowertune_llm.models import initial_adapter
+    from flowertune_llm.train import ModelCache, ProximalSFTTrainer, TokenizedCache, train_one_round
+
+    batches: list[list[tuple[int, ...]]] = []
+    original = ProximalSFTTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if model.training:
+            batches.append([tuple(i[m.bool()].tolist()) for i, m in zip(inputs["input_ids"], inputs["attention_mask"])])
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
+        "model.quantization": 4, "train.prompt-template": "mcq", "train.seq-length": 512, "train.mcq-rotations": True,
+        "train.mcq-balance": 0.5, "train.training-arguments.per-device-train-batch-size": 8,
+        "train.training-arguments.max-steps": 3}))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    data = rotated_rows(tiny_llama_dir)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama_dir)
+    key_of = {tuple(tok(e["prompt"] + e["completion"]).input_ids): e for e in data.to_list()}
+    result = train_one_round(cfg, start, 0, 20, lr=1e-3, models=ModelCache(), tokenized=TokenizedCache(),
+                             server_round=2)
+    assert len(batches) == 3 and all(len(b) == 8 for b in batches)
+    letters: Counter[str] = Counter()
+    trained_rows = set()
+    for batch in batches:
+        examples = [next(e for k, e in key_of.items() if seq[: len(k)] == k) for seq in batch]
+        for block in range(0, 8, 4):  # a block: one question's 4 rotations, or single rows
+            rots = [e["mcq_rotation"] for e in examples[block : block + 4]]
+            assert rots == [0, 1, 2, 3] or rots == [-1] * 4
+        letters.update(e["completion"] for e in examples if e["mcq_rotation"] >= 0)
+        trained_rows |= {e["mcq_row"] for e in examples}
+    assert letters and len(set(letters.values())) == 1, letters  # each letter the gold equally often
+    order = row_order(42, 2, 0, result.partition_rows, dynamic=True)
+    assert trained_rows == set(order[: result.rows_trained].tolist())  # what the server's Coverage counts
+    assert Coverage(42, True).add(2, 0, result.partition_rows, result.rows_trained) == len(trained_rows)
+
+
+# --- the balance term ----------------------------------------------------------------------------------------------
+
+
+def test_the_balance_term_is_zero_for_a_uniform_mean_and_kl_otherwise() -> None:
+    knows = torch.full((1, 4, 4), -5.0)
+    for r in range(4):
+        knows[0, r, r] = 5.0  # each rotation: its own gold letter
+    assert letter_balance(knows).item() == pytest.approx(0.0, abs=1e-6)  # knowledge is not penalized
+    assert letter_balance(torch.zeros(2, 4, 4)).item() == pytest.approx(0.0, abs=1e-7)
+    prior = torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1])).expand(1, 4, 4).clone()  # always leans on A
+    expected = 0.7 * math.log(0.7 / 0.25) + 3 * 0.1 * math.log(0.1 / 0.25)
+    assert letter_balance(prior).item() == pytest.approx(expected, rel=1e-5)
+    two = torch.stack([prior[0], knows[0]])
+    assert letter_balance(two).item() == pytest.approx(expected / 2, rel=1e-5)  # mean over groups
+    assert letter_balance(torch.full((1, 4, 4), 0.0).index_fill(2, torch.tensor([1]), 50.0)).item() == \
+        pytest.approx(math.log(4), rel=1e-4)  # all mass on one letter: log 4
+
+
+def test_the_balance_terms_gradient_pushes_the_favoured_letter_down_and_the_others_up() -> None:
+    logits = torch.log(torch.tensor([0.1, 0.6, 0.2, 0.1])).expand(1, 4, 4).clone().requires_grad_(True)
+    letter_balance(logits).backward()
+    grad = logits.grad.sum(dim=(0, 1))
+    assert grad[1] > 0  # descending lowers B, the favoured letter
+    assert grad[0] < 0 and grad[3] < 0  # ... and raises the letters below uniform
+    assert float(grad.sum()) == pytest.approx(0.0, abs=1e-6)  # softmax: shifting all logits changes nothing
+
+
+def test_complete_groups_and_answer_positions() -> None:
+    assert complete_groups([-1, 0, 1, 2, 3, 0, 1, -1]) == [1]
+    assert complete_groups([0, 1, 2, 3, 0, 1, 2, 3]) == [0, 4]
+    assert complete_groups([1, 2, 3, 0]) == []
+    labels = torch.tensor([[-100, -100, 7, 2], [-100, 5, 2, -100]])
+    assert answer_positions(labels).tolist() == [1, 0]
+
+
+def test_the_trainers_loss_adds_exactly_the_term_computed_from_full_logits(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A second path: the term from the model's own logits (no fused head, no hook) equals what the trainer adds."""
+    from flowertune_llm.evaluate.generation import letter_token_ids
+    from flowertune_llm.models import initial_adapter
+    from flowertune_llm.train import make_trainer
+
+    data = rotated_rows(tiny_llama_dir, fraction=1.0)
+    rows = data.to_list()
+    first = next(i for i, r in enumerate(rows) if r["mcq_rotation"] == 0)
+    subset = data.select(range(first, first + 4))
+    losses = {}
+    for weight in (0.0, 2.0):
+        cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
+            "train.prompt-template": "mcq", "train.seq-length": 512, "train.mcq-rotations": True,
+            "train.mcq-balance": weight}))
+        start, _ = initial_adapter(cfg.model, cfg.train.seed)
+        trainer = make_trainer(cfg, start, subset, 1e-3, str(tmp_path / str(weight)), models=None)
+        trainer.model.eval()
+        examples = [trainer.train_dataset[k] for k in range(4)]
+        collator = trainer.data_collator
+        batch = collator([{k: v for k, v in e.items() if k in ("input_ids", "labels", "mcq_rotation")} for e in examples])
+        with torch.no_grad():
+            losses[weight] = float(trainer.compute_loss(trainer.model, dict(batch)))
+            if weight:
+                plain = {k: v for k, v in batch.items() if k not in ("labels", "mcq_rotation")}
+                logits = trainer.model(**plain).logits
+                pos = answer_positions(batch["labels"])
+                letters = logits[torch.arange(4), pos][:, letter_token_ids(trainer.processing_class)]
+                term = weight * float(letter_balance(letters.view(1, 4, 4)))
+    assert term > 0
+    assert losses[2.0] - losses[0.0] == pytest.approx(term, rel=1e-3, abs=1e-6)
+
+
+# --- options like MMLU's -------------------------------------------------------------------------------------------
+
+
+def test_similar_rows_rank_rows_that_share_rare_instruction_words_first() -> None:
+    instructions = ["Explain photosynthesis in plants.", "Write a poem about the sea.",
+                    "Describe how photosynthesis works in plants.", "Name three colors.",
+                    "Summarize photosynthesis.", "Write a story about the sea."]
+    ranked = similar_rows(instructions, 42, 0)
+    assert set(ranked[0][:2]) == {2, 4}  # the other photosynthesis rows come first
+    assert ranked[1][0] == 5  # "about the sea"
+    assert all(sorted(r + [i]) == list(range(6)) for i, r in enumerate(ranked))  # every other row, once
+    assert ranked == similar_rows(instructions, 42, 0)
+
+
+def test_first_sentence_is_an_option_as_short_as_mmlus() -> None:
+    assert first_sentence("Paris is the capital. It is large.") == "Paris is the capital."
+    assert first_sentence("Three colors:\n1. red\n2. blue") == "Three colors: 1. red 2. blue"  # "1." is no end
+    assert first_sentence("No end at all") == "No end at all"
+
+
+def test_similar_options_are_short_near_topic_and_the_same_in_a_fresh_process(tiny_llama_dir: Path) -> None:
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    data = rotated_rows(tiny_llama_dir, options="similar", partition=3).to_list()
+    questions = [e for e in data if e["mcq_rotation"] == 0]
+    assert questions
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lengths = [len(tok(o.removesuffix(" ..."), add_special_tokens=False).input_ids)
+               for e in questions for o in options_of(e["prompt"])]
+    assert max(lengths) <= 20 + 1
+    code = ("import hashlib, json; from flowertune_llm.dataset import load_partition; "
+            f"d = load_partition({str(ALPACA_SUBSET)!r}, 3, 20, 42, 'mcq', 0.5, {str(tiny_llama_dir)!r}, 512, True, "
+            "'similar'); print(hashlib.sha256(json.dumps(d.to_list()).encode()).hexdigest())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == hashlib.sha256(json.dumps(data).encode()).hexdigest()
+
+
+def test_an_over_long_row_stays_qa_with_rotations_and_similar_options(tiny_llama_dir: Path) -> None:
+    from flowertune_llm.dataset import token_budget
+
+    rows = [{"instruction": f"Question number {k}?", "input": "", "output": f"answer {k} " + "word " * 200}
+            for k in range(6)]
+    rows.append({"instruction": "Explain " + "very " * 300 + "much.", "input": "", "output": "short"})
+    fits, shorten = token_budget(str(tiny_llama_dir), 96)
+    for options in ("random", "similar"):
+        examples = mcq_examples(rows, 0, 0, 1.0, fits, shorten, rotate=True, options=options)
+        last = examples[-1]
+        assert {k: last[k] for k in ("prompt", "completion")} == to_prompt_completion(rows[-1], "qa")
+        assert last["mcq_rotation"] == -1
+        assert [e["mcq_rotation"] for e in examples[:4]] == [0, 1, 2, 3]
+        assert all(fits(e["prompt"], e["completion"]) for e in examples[:-1])
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.mcq-balance": 0.5}, "train.mcq-balance=0.5 needs train.mcq-rotations=true"),
+    ({"train.mcq-rotations": True, "train.training-arguments.per-device-train-batch-size": 6},
+     "train.training-arguments.per-device-train-batch-size=6 with train.mcq-rotations=true: must be a multiple of 4"),
+    ({"train.mcq-balance": -1.0}, "train.mcq-balance=-1.0: must be >= 0"),
+    ({"train.mcq-options": "nearby"}, "train.mcq-options='nearby': expected one of random, similar"),
+    ({"train.mcq-rotations": True, "train.dynamic-data-seed": False,
+      "train.training-arguments.train-sampling-strategy": "group_by_length"}, "train.mcq-rotations=true orders"),
+])
+def test_mcq_settings_that_cannot_work_are_refused_naming_the_keys(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(tiny_run_config("unused", **{"train.prompt-template": "mcq", **overrides}))
