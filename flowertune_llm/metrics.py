@@ -31,7 +31,7 @@ def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) 
     log(
         INFO,
         "[round %d/%d] validation MMLU (protocol, %d q): avg %.2f (stem %.2f, social %.2f, humanities %.2f) "
-        "| diagnostics: letters %.1f%%, letter ceiling %.2f | %.1fs",
+        "| diagnostics: letters %.1f%%, letter ceiling %.2f, largest letter %.1f%%, mean P(A/B/C/D) %s | %.1fs",
         server_round,
         num_rounds,
         metrics["val_questions"],
@@ -41,6 +41,8 @@ def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) 
         100 * metrics["val_mmlu_humanities"],
         100 * metrics["val_valid_letter_rate"],
         100 * metrics["val_letter_ceiling"],
+        100 * (metrics.get("val_largest_letter_share") or 0.0),
+        "/".join(f"{100 * v:.0f}" for v in (metrics.get("val_letter_probability") or {}).values()) or "-",
         metrics["val_eval_s"],
     )
 
@@ -79,7 +81,7 @@ class RunLog:
 
     def _tensorboard_validation(self, step: int, validation: dict[str, Any]) -> None:
         if self._writer is not None and validation:
-            for key in ("val_mmlu_avg", "val_valid_letter_rate", "val_letter_ceiling"):
+            for key in ("val_mmlu_avg", "val_valid_letter_rate", "val_letter_ceiling", "val_largest_letter_share"):
                 self._writer.add_scalar(f"validation/{key.removeprefix('val_')}", validation[key], step)
             self._writer.flush()
 

@@ -125,7 +125,8 @@ def comparable(metrics: dict) -> dict:
 
 
 VALIDATION_KEYS = {"val_mmlu_stem", "val_mmlu_social_sciences", "val_mmlu_humanities", "val_mmlu_avg",
-                   "val_valid_letter_rate", "val_letter_ceiling", "val_questions", "val_batching", "val_eval_s"}
+                   "val_valid_letter_rate", "val_letter_ceiling", "val_questions", "val_batching", "val_eval_s",
+                   "val_largest_letter_share", "val_letter_probability"}
 
 
 def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation(
@@ -148,6 +149,7 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
     evaluated = [m["server_round"] for m in full_m if VALIDATION_KEYS <= set(m) and m["val_questions"] == 6]
     assert evaluated == [0, 2, 4]  # round 0, every 2nd round, the last
     assert len(re.findall(r"validation MMLU \(protocol, 6 q\)", log)) == 3, log[-3000:]
+    assert len(re.findall(r"largest letter [0-9.]+%, mean P\(A/B/C/D\) \d+/\d+/\d+/\d+", log)) == 3  # the letter prior
     assert (full_run / "loss.png").is_file()
 
     # The in-training figures are what flowertune-eval gives the saved checkpoint on the same questions.
@@ -162,6 +164,9 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
     assert scored.average == full_m[4]["val_mmlu_avg"]
     assert scored.letter_ceiling == full_m[4]["val_letter_ceiling"]
     assert scored.valid_letter_rate == full_m[4]["val_valid_letter_rate"]
+    prior = scored.letter_prior()
+    assert prior["largest_letter_share"] == full_m[4]["val_largest_letter_share"]
+    assert prior["letter_probability"] == full_m[4]["val_letter_probability"]
 
     # Interrupted run: kill SuperLink, simulation and `flwr run` once peft_2 is on disk.
     out = tmp_path / "cut" / "results"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -196,19 +197,32 @@ def test_letter_ceiling_and_valid_letters_equal_a_direct_computation(tmp_path: P
     model, tok = load_model(str(smollm2_model_dir), None, 4, "cpu")
     letter_ids = [tok(letter, add_special_tokens=False).input_ids[0] for letter in "ABCD"]
     means = {"letter_ceiling": [], "valid_letter_rate": []}
+    shares, probs = [], []
     for cat, qs in by_category(load_questions(str(MMLU_TEST)), list(LEADERBOARD_CATEGORIES), 12).items():
         ceiling = valid = 0
+        predicted, prob = Counter(), torch.zeros(4)
         for q in qs:
             logits = _last_logits(model, tok, [tok(mcq_prompt(q.question, list(q.options))).input_ids])[0]
             ceiling += "ABCD"[int(logits[letter_ids].argmax())] == q.answer
-            valid += parse_prediction(tok.decode([int(logits.argmax())], skip_special_tokens=True)) in ("a", "b", "c", "d")
+            answer = parse_prediction(tok.decode([int(logits.argmax())], skip_special_tokens=True))
+            valid += answer in ("a", "b", "c", "d")
+            predicted[answer if answer in ("a", "b", "c", "d") else "other"] += 1
+            prob += torch.softmax(logits[letter_ids].float(), dim=-1)
         diag = summary["diagnostics"]["categories"][cat]
         assert diag["letter_ceiling"] == ceiling / len(qs)
         assert diag["valid_letter_rate"] == valid / len(qs)
+        # the letter prior: the largest share of one letter among all answers, and the mean P(A..D) among the letters
+        assert diag["largest_letter_share"] == max(predicted[k] for k in "abcd") / len(qs)
+        assert list(diag["letter_probability"].values()) == pytest.approx((prob / len(qs)).tolist(), abs=1e-4)
         means["letter_ceiling"].append(ceiling / len(qs))
         means["valid_letter_rate"].append(valid / len(qs))
+        shares.append({k: predicted[k] / len(qs) for k in "abcd"})
+        probs.append(prob / len(qs))
     for key, values in means.items():
         assert summary["diagnostics"]["average"][key] == pytest.approx(sum(values) / 3)
+    average = summary["diagnostics"]["average"]
+    assert average["largest_letter_share"] == pytest.approx(max(sum(s[k] for s in shares) / 3 for k in "abcd"))
+    assert list(average["letter_probability"].values()) == pytest.approx((sum(probs) / 3).tolist(), abs=1e-4)
     assert 0 < summary["diagnostics"]["average"]["valid_letter_rate"] < 1  # the untuned model: some letters, not all
 
 

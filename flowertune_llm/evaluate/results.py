@@ -20,8 +20,15 @@ if TYPE_CHECKING:
 #: What results.json and the printout say about the answer diagnostics.
 DIAGNOSTICS_NOTE = (
     "diagnostics, not leaderboard figures: valid_letter_rate = share of outputs that parse to a-d; "
-    "letter_ceiling = accuracy of the argmax over the A/B/C/D logits at the answer position"
+    "letter_ceiling = accuracy of the argmax over the A/B/C/D logits at the answer position; "
+    "largest_letter_share = share of the outputs that are the most frequent letter (the letter prior); "
+    "letter_probability = mean P(A..D) among the four letters at the answer position"
 )
+
+
+def letter_figures(predicted: dict[str, float], probability: dict[str, float]) -> dict:
+    """The letter prior's two figures from predicted-letter shares and mean letter probabilities."""
+    return {"largest_letter_share": max(predicted[k] for k in ANSWER_LETTERS), "letter_probability": probability}
 
 
 @dataclass
@@ -56,11 +63,15 @@ class CategoryResult:
         preds = Counter(r["prediction"] if r["prediction"] in ANSWER_LETTERS else "other" for r in self.records)
         gold = Counter(r["gold"].lower() for r in self.records)
         n = max(len(self.records), 1)
+        predicted = {k: preds[k] / n for k in (*ANSWER_LETTERS, "other")}
+        probability = {k: sum(r["letter_probs"][i] for r in self.records if "letter_probs" in r) / n
+                       for i, k in enumerate(ANSWER_LETTERS)}
         return {
             "valid_letter_rate": self.valid_letter_rate,
             "letter_ceiling": self.letter_ceiling,
-            "predicted_letters": {k: preds[k] / n for k in (*ANSWER_LETTERS, "other")},
+            "predicted_letters": predicted,
             "gold_letters": {k: gold[k] / n for k in ANSWER_LETTERS},
+            **letter_figures(predicted, probability),
             "top_outputs": Counter(r["output"] for r in self.records).most_common(3),
         }
 
@@ -93,6 +104,16 @@ class EvalResult:
         """Mean letter ceiling of the three leaderboard categories (diagnostic)."""
         return self._mean("letter_ceiling")
 
+    def letter_prior(self) -> dict | None:
+        """Over the three leaderboard categories: mean predicted-letter shares and letter probabilities, and the
+        largest share (None if a category is missing)."""
+        if not all(c in self.categories for c in LEADERBOARD_CATEGORIES):
+            return None
+        diags = [self.categories[c].diagnostics() for c in LEADERBOARD_CATEGORIES]
+        predicted = {k: sum(d["predicted_letters"][k] for d in diags) / 3 for k in (*ANSWER_LETTERS, "other")}
+        probability = {k: sum(d["letter_probability"][k] for d in diags) / 3 for k in ANSWER_LETTERS}
+        return {"predicted_letters": predicted, **letter_figures(predicted, probability)}
+
     def summary(self) -> dict:
         """Machine-readable figures (no generations)."""
         total = sum(c.total for c in self.categories.values())
@@ -104,7 +125,8 @@ class EvalResult:
             "average": self.average,
             "diagnostics": {
                 "note": DIAGNOSTICS_NOTE,
-                "average": {"valid_letter_rate": self.valid_letter_rate, "letter_ceiling": self.letter_ceiling},
+                "average": {"valid_letter_rate": self.valid_letter_rate, "letter_ceiling": self.letter_ceiling,
+                            **(self.letter_prior() or {})},
                 "categories": {name: c.diagnostics() for name, c in self.categories.items()},
             },
             "batching": self.batching.mode if self.batching else None,
@@ -116,16 +138,22 @@ class EvalResult:
 
     def report(self) -> str:
         """The human-readable summary: official scores, then the diagnostics, labelled as such."""
-        lines = [f"{'category':<16} {'accuracy':>8}   | {'letters':>7} {'ceiling':>7}  predicted a/b/c/d/other (gold a/b/c/d)"]
-        rows = [(n, c.accuracy, c.valid_letter_rate, c.letter_ceiling, c.diagnostics()) for n, c in self.categories.items()]
-        for name, acc, valid, ceiling, diag in rows:
+        lines = [f"{'category':<16} {'accuracy':>8}   | {'letters':>7} {'ceiling':>7} {'largest':>7}  "
+                 "predicted a/b/c/d/other (gold a/b/c/d)  mean P(a/b/c/d)"]
+        for name, c in self.categories.items():
+            diag = c.diagnostics()
             pred = "/".join(f"{100 * v:.0f}" for v in diag["predicted_letters"].values())
             gold = "/".join(f"{100 * v:.0f}" for v in diag["gold_letters"].values())
-            lines.append(f"{name:<16} {100 * acc:>8.2f}   | {100 * valid:>6.1f}% {100 * ceiling:>7.2f}  {pred} ({gold})")
-        if self.average is not None:
+            prob = "/".join(f"{100 * v:.0f}" for v in diag["letter_probability"].values())
+            lines.append(f"{name:<16} {100 * c.accuracy:>8.2f}   | {100 * c.valid_letter_rate:>6.1f}% "
+                         f"{100 * c.letter_ceiling:>7.2f} {100 * diag['largest_letter_share']:>6.1f}%  {pred} ({gold})  {prob}")
+        prior = self.letter_prior()
+        if self.average is not None and prior is not None:
+            pred = "/".join(f"{100 * v:.0f}" for v in prior["predicted_letters"].values())
+            prob = "/".join(f"{100 * v:.0f}" for v in prior["letter_probability"].values())
             lines.append(
                 f"{'average':<16} {100 * self.average:>8.2f}   | {100 * self.valid_letter_rate:>6.1f}% "
-                f"{100 * self.letter_ceiling:>7.2f}"
+                f"{100 * self.letter_ceiling:>7.2f} {100 * prior['largest_letter_share']:>6.1f}%  {pred}  {prob}"
             )
         lines.append(f"accuracy = the leaderboard's figure; right of '|': {DIAGNOSTICS_NOTE}")
         if self.batching is not None:

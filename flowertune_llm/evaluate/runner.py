@@ -85,6 +85,8 @@ def evaluate_questions(
             "prediction": parse_prediction(out),
             "correct": is_correct(out, q.answer),
             "letter_argmax": LETTERS[int(row.argmax())],  # the letter ceiling's answer (diagnostic)
+            # P(A..D) among the four letters at the answer position: the letter prior shows in their mean (diagnostic)
+            "letter_probs": [round(float(p), 6) for p in torch.softmax(row.float(), dim=-1)],
         }
         cat = results[category]
         cat.records.append(record)

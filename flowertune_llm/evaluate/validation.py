@@ -13,7 +13,7 @@ from peft import LoraConfig
 from flowertune_llm.config import Config, ConfigError, EvalSettings
 from flowertune_llm.evaluate.api import AdapterScorer
 from flowertune_llm.evaluate.data import EvalDataError, Question, by_category, load_questions, stratified_sample
-from flowertune_llm.evaluate.protocol import ANSWER_LETTERS, LEADERBOARD_CATEGORIES
+from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.models import AdapterState
 
 KEY = "eval.data"
@@ -52,7 +52,7 @@ class Validator:
             state, self.questions, self.settings.batch_size, self.settings.allow_inexact_batching
         )
         diagnostics = {name: c.diagnostics() for name, c in result.categories.items()}
-        predicted = [d["predicted_letters"] for d in diagnostics.values()]
+        prior = result.letter_prior() or {}
         metrics: dict[str, Any] = {
             f"val_mmlu_{name}": cat.accuracy for name, cat in result.categories.items()
         }
@@ -61,11 +61,13 @@ class Validator:
             val_valid_letter_rate=result.valid_letter_rate,
             val_letter_ceiling=result.letter_ceiling,
             val_questions=sum(c.total for c in result.categories.values()),
-            val_predicted_letters={  # mean share over the three categories (diagnostic)
-                k: sum(d[k] for d in predicted) / len(predicted) for k in (*ANSWER_LETTERS, "other")
-            },
-            val_by_category={  # per category: valid letters, predicted and gold letter shares (diagnostic)
-                name: {k: d[k] for k in ("valid_letter_rate", "letter_ceiling", "predicted_letters", "gold_letters")}
+            # the letter prior, over the three categories (diagnostic): mean predicted shares, the largest, mean P(A..D)
+            val_predicted_letters=prior.get("predicted_letters"),
+            val_largest_letter_share=prior.get("largest_letter_share"),
+            val_letter_probability=prior.get("letter_probability"),
+            val_by_category={  # per category: valid letters, ceiling, predicted and gold letter shares, letter prior
+                name: {k: d[k] for k in ("valid_letter_rate", "letter_ceiling", "predicted_letters", "gold_letters",
+                                         "largest_letter_share", "letter_probability")}
                 for name, d in diagnostics.items()
             },
             val_batching=result.batching.mode if result.batching else "",
