@@ -94,6 +94,8 @@ def coverage_line(cfg: "Config") -> str:
                                cfg.strategy.fraction_train, cfg.train.seed, cfg.train.rows_per_round,
                                cfg.train.dynamic_data_seed)
     order = "a new order each round" if cfg.train.dynamic_data_seed else "the same order every round"
+    if cfg.train.rotates:
+        order += f"; about: with mcq rotations a row is {1 + 3 * cfg.train.mcq_fraction:g} examples on average"
     return (f"data: with {rules.NUM_SUPERNODES} SuperNodes the run trains on {covered:,} of the "
             f"{rules.DATASET_ROWS:,} rows ({100 * covered / rules.DATASET_ROWS:.1f}%; train.dynamic-data-seed="
             f"{str(cfg.train.dynamic_data_seed).lower()}: {order})")

@@ -87,12 +87,20 @@ class TrainSettings:
         return int(dict(self.training_arguments).get("per_device_train_batch_size", 8))
 
     def rows_per_round(self, num_rows: int) -> int:
-        """Distinct rows of a `num_rows` partition one local round trains on (transformers' defaults where unset)."""
+        """Distinct rows of a `num_rows` partition one local round trains on (transformers' defaults where unset).
+
+        Exact, except with mcq rotations, where a question row is four examples: then the expected
+        count (1 + 3 x mcq-fraction examples a row), what `check`'s coverage line predicts; the
+        clients report their exact count.
+        """
         from flowertune_llm.schedule import rows_per_round
 
         args = dict(self.training_arguments)
-        return rows_per_round(num_rows, int(args.get("max_steps", -1)), int(args.get("per_device_train_batch_size", 8)),
-                              int(args.get("gradient_accumulation_steps", 1)), float(args.get("num_train_epochs", 3.0)))
+        per_row = 1 + 3 * self.mcq_fraction if self.rotates else 1
+        examples = rows_per_round(math.ceil(num_rows * per_row), int(args.get("max_steps", -1)), self.batch_size,
+                                  int(args.get("gradient_accumulation_steps", 1)),
+                                  float(args.get("num_train_epochs", 3.0)))
+        return min(num_rows, int(examples / per_row))
 
 
 @dataclass(frozen=True)

@@ -175,13 +175,17 @@ def readme(run: RunRecord, ev: Evaluation, defaults: dict[str, Any], violations:
         f"Evaluation hardware: {s.get('hardware', 'not recorded')}.", "",
         "## Diagnostics (not leaderboard figures)", "",
         "Valid letters = share of answers the protocol's parser reads as a-d; letter ceiling = accuracy of the "
-        "most likely of the four option letters. They separate answer format from knowledge.", "",
-        "| category | valid letters % | letter ceiling % |", "| --- | --- | --- |",
+        "most likely of the four option letters; largest letter = share of the answers that are the most frequent "
+        "letter (the letter prior: the test split's gold letters are not balanced). They separate answer format "
+        "and letter prior from knowledge.", "",
+        "| category | valid letters % | letter ceiling % | largest letter % |", "| --- | --- | --- | --- |",
     ]
     diag = s.get("diagnostics", {}).get("categories", {})
     for c in LEADERBOARD_CATEGORIES:
         if c in diag:
-            lines.append(f"| {c} | {_pct(diag[c]['valid_letter_rate'])} | {_pct(diag[c]['letter_ceiling'])} |")
+            largest = diag[c].get("largest_letter_share")  # absent in an evaluation made before it was recorded
+            lines.append(f"| {c} | {_pct(diag[c]['valid_letter_rate'])} | {_pct(diag[c]['letter_ceiling'])} "
+                         f"| {_pct(largest) if largest is not None else '-'} |")
     lines += ["", "## Files", "", f"`{peft_name}/` (the final PEFT adapter: `PeftModel.from_pretrained(base, "
               f"\"{peft_name}\")`), `evaluation/`, `results.json`, `comm_cost.txt`, `config.json`, `metrics.jsonl`, "
               "`loss.png`; checksums in `SHA256SUMS` (`sha256sum -c SHA256SUMS`).", ""]

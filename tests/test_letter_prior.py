@@ -134,6 +134,25 @@ def test_a_clients_round_trains_each_letter_equally_often_with_whole_groups_per_
     assert Coverage(42, True).add(2, 0, result.partition_rows, result.rows_trained) == len(trained_rows)
 
 
+def test_rows_per_round_expects_fewer_rows_with_rotations_and_check_says_so() -> None:
+    import subprocess
+    import sys
+
+    plain = parse_config(tiny_run_config("unused", **{"train.prompt-template": "mcq",
+                                                      "train.training-arguments.per-device-train-batch-size": 16,
+                                                      "train.training-arguments.max-steps": 10}))
+    rotating = parse_config(tiny_run_config("unused", **{"train.prompt-template": "mcq", "train.mcq-rotations": True,
+                                                         "train.training-arguments.per-device-train-batch-size": 16,
+                                                         "train.training-arguments.max-steps": 10}))
+    assert plain.train.rows_per_round(2600) == 160
+    assert rotating.train.rows_per_round(2600) == 64  # 160 examples / 2.5 examples a row (fraction 0.5)
+    assert rotating.train.rows_per_round(20) == 20
+    out = subprocess.run([sys.executable, "-m", "flowertune_llm.cli", "check",
+                          "train.prompt-template='mcq' train.mcq-rotations=true"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "with mcq rotations a row is 2.5 examples on average" in out
+
+
 # --- the balance term ----------------------------------------------------------------------------------------------
 
 
