@@ -161,3 +161,22 @@ def make_run(
     if status:
         (run / "status.json").write_text(json.dumps({"status": status, "started": 0.0, "updated": 95.0}))
     return run
+
+
+def partition_sha256_in_new_process(*args: object) -> str:
+    """sha256 of `dataset.load_partition(*args)`'s rows, built in a fresh Python process (what a resumed run does)."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from flowertune_llm.dataset import load_partition; "
+            f"d = load_partition(*{args!r}); print(hashlib.sha256(json.dumps(d.to_list()).encode()).hexdigest())")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def rows_sha256(rows: list) -> str:
+    """sha256 of a list of rows as `partition_sha256_in_new_process` computes it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()

@@ -151,13 +151,9 @@ def test_an_mcq_example_is_the_protocols_question_with_the_gold_letter_and_the_l
 
 def test_mcq_examples_are_the_same_from_two_calls_and_in_a_new_process(tiny_llama_dir: Path) -> None:
     """A resumed run rebuilds its partitions in a fresh process: the same examples in the same order."""
-    import hashlib
-    import subprocess
-    import sys
-
     from flowertune_llm.dataset import token_budget
     from flowertune_llm.prompts import mcq_examples
-    from tests.helpers import ROOT
+    from tests.helpers import partition_sha256_in_new_process, rows_sha256
 
     rows = federated_dataset(str(ALPACA_SUBSET), 20, 42).load_partition(3, "train").to_list()
     fits, shorten = token_budget(str(tiny_llama_dir), 256)
@@ -165,11 +161,8 @@ def test_mcq_examples_are_the_same_from_two_calls_and_in_a_new_process(tiny_llam
     assert mcq_examples(rows, 42, 3, 0.5, fits, shorten) == first
     assert 0 < sum(e["completion"] in ("A", "B", "C", "D") for e in first) < len(first)  # a mix of mcq and qa
     assert mcq_examples(rows, 43, 3, 0.5, fits, shorten) != first  # the seed matters
-    code = ("import hashlib, json, sys; from flowertune_llm.dataset import load_partition; "
-            f"d = load_partition({str(ALPACA_SUBSET)!r}, 3, 20, 42, 'mcq', 0.5, {str(tiny_llama_dir)!r}, 256); "
-            "print(hashlib.sha256(json.dumps(d.to_list()).encode()).hexdigest())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == hashlib.sha256(json.dumps(first).encode()).hexdigest()
+    fresh = partition_sha256_in_new_process(str(ALPACA_SUBSET), 3, 20, 42, "mcq", 0.5, str(tiny_llama_dir), 256)
+    assert fresh == rows_sha256(first)
 
 
 def test_gold_letters_are_uniform_within_sampling_noise(tiny_llama_dir: Path) -> None:

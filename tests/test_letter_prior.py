@@ -15,7 +15,7 @@ from flowertune_llm.dataset import federated_dataset, load_partition
 from flowertune_llm.letter_balance import answer_positions, complete_groups, letter_balance
 from flowertune_llm.prompts import first_sentence, mcq_examples, rotations, similar_rows, to_prompt_completion
 from flowertune_llm.schedule import Coverage, rotation_order, row_order
-from tests.helpers import ALPACA_SUBSET, ROOT, tiny_run_config
+from tests.helpers import ALPACA_SUBSET, ROOT, partition_sha256_in_new_process, rows_sha256, tiny_run_config
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -242,11 +242,6 @@ def test_first_sentence_is_an_option_as_short_as_mmlus() -> None:
 
 
 def test_similar_options_are_short_near_topic_and_the_same_in_a_fresh_process(tiny_llama_dir: Path) -> None:
-    import hashlib
-    import json
-    import subprocess
-    import sys
-
     data = rotated_rows(tiny_llama_dir, options="similar", partition=3).to_list()
     questions = [e for e in data if e["mcq_rotation"] == 0]
     assert questions
@@ -254,11 +249,9 @@ def test_similar_options_are_short_near_topic_and_the_same_in_a_fresh_process(ti
     lengths = [len(tok(o.removesuffix(" ..."), add_special_tokens=False).input_ids)
                for e in questions for o in options_of(e["prompt"])]
     assert max(lengths) <= 20 + 1
-    code = ("import hashlib, json; from flowertune_llm.dataset import load_partition; "
-            f"d = load_partition({str(ALPACA_SUBSET)!r}, 3, 20, 42, 'mcq', 0.5, {str(tiny_llama_dir)!r}, 512, True, "
-            "'similar'); print(hashlib.sha256(json.dumps(d.to_list()).encode()).hexdigest())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == hashlib.sha256(json.dumps(data).encode()).hexdigest()
+    fresh = partition_sha256_in_new_process(str(ALPACA_SUBSET), 3, 20, 42, "mcq", 0.5, str(tiny_llama_dir), 512, True,
+                                            "similar")
+    assert fresh == rows_sha256(data)
 
 
 def test_an_over_long_row_stays_qa_with_rotations_and_similar_options(tiny_llama_dir: Path) -> None:
