@@ -186,7 +186,7 @@ def table(results: dict[str, dict]) -> str:
     """The benchmark's table (markdown), then predicted vs gold letters per category and the training curves."""
     head = ("| variant | rounds x clients x steps x batch | STEM | soc. sci. | humanities | avg "
             "| valid letters % (STEM/soc/hum) | letter ceiling | greedy - ceiling | largest letter % "
-            "| predicted a/b/c/d/other % | mean P(a/b/c/d) % | rotation-avg acc | rule | train wall | eval wall |")
+            "| predicted a/b/c/d/other % | mean P(a/b/c/d) % | rotation-avg acc / ceiling | rule | train wall | eval wall |")
     lines = [head, "|" + " --- |" * 16]
     for name, res in results.items():
         s = res["score"]
@@ -199,7 +199,8 @@ def table(results: dict[str, dict]) -> str:
             f"| {variant} | {budget or '-'} | {pct(s['accuracy']['stem'])} | {pct(s['accuracy']['social_sciences'])} "
             f"| {pct(s['accuracy']['humanities'])} | **{pct(s['average'])}** | {pct(s['valid_letter_rate'])} ({valid}) "
             f"| {pct(s['letter_ceiling'])} | {100 * (s['average'] - s['letter_ceiling']):+.1f} "
-            f"| {pct(s['prior']['largest_letter_share'])} | {pred} | {prob} | **{pct(s['rotation_average'])}** "
+            f"| {pct(s['prior']['largest_letter_share'])} | {pred} | {prob} "
+            f"| **{pct(s['rotation_average'])}** / {pct(s['rotation_ceiling'])} "
             f"| {verdict(s)} | {train} | {s['eval_s'] / 60:.1f} min |"
         )
     lines += ["", "Predicted vs gold letters per category (a/b/c/d/other %, gold a/b/c/d %):"]
