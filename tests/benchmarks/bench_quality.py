@@ -237,12 +237,15 @@ def main() -> int:
     parser.add_argument("--eval-data", type=Path, default=MMLU_VAL)
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
-    parser.add_argument("--from-json", type=Path, default=None,
-                        help="print the table of an earlier run's --json file (complete or cut short) and stop")
+    parser.add_argument("--from-json", type=Path, action="append", default=None,
+                        help="print the table of earlier runs' --json files (complete or cut short; repeatable, "
+                             "merged in order) and stop")
     args = parser.parse_args()
     args.eval_every = 0  # the final adapter is scored here, in four rotations
     if args.from_json:
-        saved = json.loads(args.from_json.read_text())
+        saved: dict = {}
+        for path in args.from_json:
+            saved |= json.loads(path.read_text())
         print(f"machine: {saved.pop('machine', '?')}")
         print(table(saved))
         return 0
