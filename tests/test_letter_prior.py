@@ -108,6 +108,17 @@ def test_a_clients_round_trains_each_letter_equally_often_with_whole_groups_per_
         return original(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
+    from flowertune_llm.letter_balance import LetterBalance
+
+    terms: list[float | None] = []
+    original_term = LetterBalance.term
+
+    def term(self, labels, rotations):  # noqa: ANN001, ANN202
+        value = original_term(self, labels, rotations)
+        terms.append(None if value is None else float(value))
+        return value
+
+    monkeypatch.setattr(LetterBalance, "term", term)
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
         "model.quantization": 4, "train.prompt-template": "mcq", "train.seq-length": 512, "train.mcq-rotations": True,
         "train.mcq-balance": 0.5, "train.training-arguments.per-device-train-batch-size": 8,
@@ -121,14 +132,19 @@ def test_a_clients_round_trains_each_letter_equally_often_with_whole_groups_per_
     assert len(batches) == 3 and all(len(b) == 8 for b in batches)
     letters: Counter[str] = Counter()
     trained_rows = set()
+    examples_by_batch = []
     for batch in batches:
         examples = [next(e for k, e in key_of.items() if seq[: len(k)] == k) for seq in batch]
+        examples_by_batch.append(examples)
         for block in range(0, 8, 4):  # a block: one question's 4 rotations, or single rows
             rots = [e["mcq_rotation"] for e in examples[block : block + 4]]
             assert rots == [0, 1, 2, 3] or rots == [-1] * 4
         letters.update(e["completion"] for e in examples if e["mcq_rotation"] >= 0)
         trained_rows |= {e["mcq_row"] for e in examples}
     assert letters and len(set(letters.values())) == 1, letters  # each letter the gold equally often
+    groups = [sum(1 for b in range(0, 8, 4) if examples_by_batch[k][b]["mcq_rotation"] == 0) for k in range(3)]
+    assert len(terms) == 3 and all((t is None) == (g == 0) for t, g in zip(terms, groups))  # the term ran on each
+    assert all(t > 0 for t in terms if t is not None)  # batch that holds a whole question, and only there
     order = row_order(42, 2, 0, result.partition_rows, dynamic=True)
     assert trained_rows == set(order[: result.rows_trained].tolist())  # what the server's Coverage counts
     assert Coverage(42, True).add(2, 0, result.partition_rows, result.rows_trained) == len(trained_rows)
