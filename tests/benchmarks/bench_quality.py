@@ -286,6 +286,8 @@ def main() -> int:
                 peft = Path(res["run_dir"]) / f"peft_{args.rounds}"
                 res["score"] = score(model, str(peft), questions, args.eval_batch_size)
                 name = variant if variant != "mcq" or args.mcq_fraction is None else f"mcq {args.mcq_fraction:g}"
+                if "train.mcq-balance" in extra and args.balance != 1.0:  # a weight other than the default: named
+                    name = name.replace("bal", f"bal({args.balance:g})")
                 record(f"{name} at {label}", res)
     print(f"machine: {machine()}")
     print(table(results))
