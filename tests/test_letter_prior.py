@@ -115,7 +115,7 @@ def test_a_clients_round_trains_each_letter_equally_often_with_whole_groups_per_
 
     def term(self, labels, rotations):  # noqa: ANN001, ANN202
         value = original_term(self, labels, rotations)
-        terms.append(None if value is None else float(value))
+        terms.append(None if value is None else float(value.detach()))
         return value
 
     monkeypatch.setattr(LetterBalance, "term", term)
