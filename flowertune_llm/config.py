@@ -86,6 +86,13 @@ class TrainSettings:
         """Examples per device and step (transformers' default 8 where unset)."""
         return int(dict(self.training_arguments).get("per_device_train_batch_size", 8))
 
+    @property
+    def examples_per_round(self) -> int | None:
+        """max-steps x batch x accumulation: the examples one local round trains on (None: it trains by epochs)."""
+        args = dict(self.training_arguments)
+        steps = int(args.get("max_steps", -1))
+        return steps * self.batch_size * int(args.get("gradient_accumulation_steps", 1)) if steps > 0 else None
+
     def rows_per_round(self, num_rows: int) -> int:
         """Distinct rows of a `num_rows` partition one local round trains on (transformers' defaults where unset).
 

@@ -323,10 +323,7 @@ def round_examples(cfg: Config, dataset: Dataset, server_round: int, partition_i
         rows = sorted(set(dataset["mcq_row"]))  # TRL may have dropped a row: number the rest 0..n-1
         dense = {r: i for i, r in enumerate(rows)}
         order = row_order(cfg.train.seed, server_round, partition_id, len(rows), dynamic=cfg.train.dynamic_data_seed)
-        args = dict(cfg.train.training_arguments)
-        steps = int(args.get("max_steps", -1))
-        budget = steps * cfg.train.batch_size * int(args.get("gradient_accumulation_steps", 1)) if steps > 0 else None
-        indices, taken = rotation_order(order, [dense[r] for r in dataset["mcq_row"]], budget)
+        indices, taken = rotation_order(order, [dense[r] for r in dataset["mcq_row"]], cfg.train.examples_per_round)
         return dataset.select(indices), taken, len(rows)
     if cfg.train.dynamic_data_seed:
         order = row_order(cfg.train.seed, server_round, partition_id, num_examples, dynamic=True)
