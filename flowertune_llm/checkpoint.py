@@ -14,9 +14,18 @@ from flwr.common.logger import log
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from flowertune_llm.config import Config, ConfigError
+from flowertune_llm.config import OWNED_TRAINING_ARGUMENTS, Config, ConfigError
 from flowertune_llm.models import AdapterState, arrays_to_state
-from flowertune_llm.rundir import ADAPTER_FILES, METADATA_FILE, checkpoint_round, is_complete, latest_checkpoint, write_folder
+from flowertune_llm.rundir import (
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    METADATA_FILE,
+    checkpoint_name,
+    checkpoint_round,
+    is_complete,
+    latest_checkpoint,
+    write_folder,
+)
 
 #: Config fields that may change on resume (they do not change what is trained).
 RESUME_MAY_CHANGE = {
@@ -24,6 +33,8 @@ RESUME_MAY_CHANGE = {
     "train.resume_from",
     "train.save_every_round",
     "train.release_memory",
+    "train.padding_free",  # how a step is laid out and in which dtype it computes: the same recipe, other rounding
+    "train.cpu_compute",
     "strategy.fraction_evaluate",
     "comm.tensorboard",
     "eval.every_round",
@@ -32,8 +43,28 @@ RESUME_MAY_CHANGE = {
     "eval.batch_size",
     "eval.allow_inexact_batching",
 }
+#: The config keys checkpoints have recorded since resume began (6006d3b, 2026-11-25). Every key since is in
+#: ADDED_LATER or RESUME_MAY_CHANGE (tests/test_checkpoint.py fails on one that is in neither).
+FIRST_KEYS = frozenset({
+    "num_server_rounds", "dataset_name", "model.name", "model.quantization", "model.gradient_checkpointing",
+    "model.lora.r", "model.lora.alpha", "model.lora.dropout", "model.lora.use_dora", "model.lora.target_modules",
+    "train.save_every_round", "train.learning_rate_max", "train.learning_rate_min", "train.seq_length", "train.seed",
+    "train.output_dir", "train.resume_from", "train.training_arguments", "comm.dtype", "comm.tensorboard",
+    "strategy.fraction_train", "strategy.fraction_evaluate",
+})
 #: Training keys added after checkpoints already existed, with the value older checkpoints trained with.
-ADDED_LATER = {"train.prompt_template": "alpaca", "train.mcq_fraction": None, "train.dynamic_data_seed": False}
+ADDED_LATER = {
+    "train.prompt_template": "alpaca", "train.mcq_fraction": None, "train.dynamic_data_seed": False,
+    "train.mcq_rotations": False, "train.mcq_balance": 0.0, "train.mcq_options": "random",
+    "strategy.name": "fedavg", "strategy.params": [], "strategy.min_replies": 1,
+    "dp.enabled": False, "dp.noise_multiplier": None, "dp.clipping_norm": None,
+}
+#: Keys read only when the config meets a condition: a difference counts only where either side meets it.
+_READ_ONLY_WHEN = {
+    **{k: ("train.prompt_template", "mcq") for k in
+       ("train.mcq_fraction", "train.mcq_rotations", "train.mcq_balance", "train.mcq_options")},
+    **{k: ("dp.enabled", True) for k in ("dp.noise_multiplier", "dp.clipping_norm")},
+}
 
 
 def checkpoint_rounds(num_rounds: int, every: int) -> list[int]:
@@ -52,7 +83,7 @@ def save_adapter(
     folder = Path(folder)
     with write_folder(folder, replace=True) as tmp:
         peft_config.save_pretrained(str(tmp))
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS))
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
     return folder
 
@@ -89,13 +120,24 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _trained_arguments(value: Any) -> Any:
+    """A recorded train.training_arguments without the fields the app sets itself (they never changed what trained)."""
+    if not isinstance(value, list):
+        return value
+    return [pair for pair in value if not (isinstance(pair, list) and pair and pair[0] in OWNED_TRAINING_ARGUMENTS)]
+
+
 def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     """'key: saved -> now' for every training-relevant difference."""
     now = _flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
     before = {**ADDED_LATER, **_flat(saved)} if saved else {}
+    for side in (now, before):
+        if "train.training_arguments" in side:
+            side["train.training_arguments"] = _trained_arguments(side["train.training_arguments"])
     ignored = set(RESUME_MAY_CHANGE)
-    if "mcq" not in (before.get("train.prompt_template"), now.get("train.prompt_template")):
-        ignored.add("train.mcq_fraction")  # only the mcq template reads it
+    for key, (condition, value) in _READ_ONLY_WHEN.items():
+        if value not in (before.get(condition), now.get(condition)):
+            ignored.add(key)  # neither side reads it
     keys = sorted((set(now) | set(before)) - ignored)
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
@@ -127,7 +169,7 @@ def load_resume(cfg: Config) -> Resume:
     return Resume(
         run_dir=path.parent,
         round=done,
-        state=load_file(str(path / "adapter_model.safetensors")),
+        state=load_file(str(path / ADAPTER_WEIGHTS)),
         peft_config=LoraConfig.from_pretrained(str(path)),
         comm_total_bytes=meta["comm_total_bytes"],
     )
@@ -153,7 +195,7 @@ class Checkpointer:
         """Save `peft_<round>` when the round is due; True if it saved."""
         if server_round not in self.rounds:
             return False
-        folder = self.run_dir / f"peft_{server_round}"
+        folder = self.run_dir / checkpoint_name(server_round)
         save_adapter(folder, arrays_to_state(arrays), self.peft_config, self.metadata(server_round))
         self.saved.append(folder)
         log(INFO, "Saved global adapter of round %d to %s", server_round, folder)

@@ -70,13 +70,13 @@ def _fetch(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
-    from flowertune_llm.config import check_overrides, sets_training_arguments
+    from flowertune_llm.config import VALIDATED_TRAINER_INPUTS, check_overrides, trainer_inputs
 
     defaults = flatten_dict(get_project_config(args.app)["tool"]["flwr"]["app"].get("config", {}))
     overrides = parse_config_args([args.run_config])
     cfg = check_overrides(overrides, defaults)
-    if sets_training_arguments(overrides):  # TRL's own checks, as every client will run them (loads TRL)
-        from flowertune_llm.train import check_training_arguments
+    if trainer_inputs(cfg) != VALIDATED_TRAINER_INPUTS:  # the resolved config's SFTConfigs, as clients build them
+        from flowertune_llm.train import check_training_arguments  # loads TRL: only for inputs not validated already
 
         check_training_arguments(cfg)
     print(f"ok: {len(defaults)} keys, {cfg.num_server_rounds} rounds of {cfg.model.name} "

@@ -10,24 +10,31 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from flowertune_llm.prompts import MCQ_OPTIONS, PROMPT_TEMPLATES
 
 #: SFTConfig fields this app derives from other keys; users set those keys instead.
-_OWNED_TRAINING_ARGUMENTS = {
+OWNED_TRAINING_ARGUMENTS = {
     "learning_rate": "train.learning-rate-max / train.learning-rate-min",
     "output_dir": "train.output-dir (the app trains in a temporary folder)",
     "max_length": "train.seq-length",
     "gradient_checkpointing": "model.gradient-checkpointing",
     "seed": "train.seed",
+    "padding_free": "train.padding-free (the app's collator and attention; TRL's own refuses max_length)",
+    # ... and fields the app sets on every client whatever the user says (train.sft_config):
+    "completion_only_loss": "nothing: the loss is always on the response (+ EOS) only",
+    "gradient_checkpointing_kwargs": "model.gradient-checkpointing (always non-reentrant)",
+    "use_cpu": "nothing: a client trains on the device it has",
+    "bf16": "nothing: bf16 autocast on GPUs that support it; on a CPU train.cpu-compute",
+    "save_strategy": "nothing: the server saves the global adapter (train.save-every-round)",
+    "disable_tqdm": "nothing: the server logs one line per round",
 }
+#: `train.cpu-compute`: `auto` measures which dtype this CPU trains faster in (devices.training_compute).
+CPU_COMPUTE = ("auto", "float32", "bfloat16")
 _TA_PREFIX = "train.training-arguments."
-#: Keys besides train.training-arguments.* that reach the SFTConfig a client builds (train.sft_config).
-_SFT_INPUT_KEYS = ("train.seq-length", "train.learning-rate-max", "train.seed", "train.dynamic-data-seed",
-                   "train.mcq-rotations", "model.gradient-checkpointing")
 _QUANTIZATION_VALUES = {"4": 4, "8": 8, "0": 0, "none": 0}
 
 
@@ -74,6 +81,8 @@ class TrainSettings:
     mcq_options: str  # mcq: "random" (other rows' outputs, whole) or "similar" (like MMLU's: see prompts.py)
     dynamic_data_seed: bool  # a new row order each round (schedule.row_order); False: the same order every round
     release_memory: bool  # CPU: glibc returns large freed buffers at once (devices.release_memory_to_os)
+    padding_free: bool  # a step computes real tokens only: rows end to end, attention per row (padding_free.py)
+    cpu_compute: str  # CPU training dtype: "auto" (measured), "float32" or "bfloat16" (devices.training_compute)
     training_arguments: tuple[tuple[str, Any], ...]  # SFTConfig field (snake_case) -> value
 
     @property
@@ -85,6 +94,11 @@ class TrainSettings:
     def batch_size(self) -> int:
         """Examples per device and step (transformers' default 8 where unset)."""
         return int(dict(self.training_arguments).get("per_device_train_batch_size", 8))
+
+    @property
+    def num_epochs(self) -> float:
+        """Epochs a round trains when max-steps is -1 (transformers' default 3 where unset)."""
+        return float(dict(self.training_arguments).get("num_train_epochs", 3.0))
 
     @property
     def examples_per_round(self) -> int | None:
@@ -283,9 +297,18 @@ def _quantization(cfg: Mapping[str, Any]) -> int:
     return _QUANTIZATION_VALUES[text]
 
 
-def sets_training_arguments(keys: Iterable[str]) -> bool:
-    """Whether any of these run-config keys reaches the trainer's SFTConfig (then TRL's checks are worth loading)."""
-    return any(k.startswith(_TA_PREFIX) or k in _SFT_INPUT_KEYS for k in keys)
+def trainer_inputs(cfg: Config) -> str:
+    """A fingerprint of everything a client's SFTConfig is built from (train.sft_config): equal fingerprints, equal
+    SFTConfigs. `check` runs TRL's own checks unless it equals `VALIDATED_TRAINER_INPUTS`."""
+    t = cfg.train
+    blob = json.dumps([t.training_arguments, t.seq_length, t.learning_rate_max, t.seed, t.dynamic_data_seed, t.rotates,
+                       cfg.model.gradient_checkpointing], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+#: `trainer_inputs` of the shipped pyproject defaults, which tests/test_config.py validates with TRL on every run
+#: (and checks this value against): a config with the same inputs needs no TRL to be known valid.
+VALIDATED_TRAINER_INPUTS = "dded354c779326a9"
 
 
 def training_argument_key(name: str) -> str:
@@ -302,8 +325,8 @@ def _training_arguments(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     out = []
     for key in sorted(k for k in cfg if k.startswith(_TA_PREFIX)):
         name = key[len(_TA_PREFIX) :].replace("-", "_")
-        if name in _OWNED_TRAINING_ARGUMENTS:
-            raise ConfigError(f"{key}: set by the app; use {_OWNED_TRAINING_ARGUMENTS[name]}")
+        if name in OWNED_TRAINING_ARGUMENTS:
+            raise ConfigError(f"{key}: set by the app; use {OWNED_TRAINING_ARGUMENTS[name]}")
         out.append((name, cfg[key]))
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if f"{_TA_PREFIX}{name.replace('_', '-')}" in cfg:
@@ -326,6 +349,17 @@ def _mcq_settings(train: TrainSettings) -> None:
     if train.mcq_rotations and train.batch_size % 4:
         raise ConfigError(f"{_TA_PREFIX}per-device-train-batch-size={train.batch_size} with train.mcq-rotations=true: "
                           "must be a multiple of 4, so a question's four rotations share a batch")
+
+
+def _padding_free_settings(train: TrainSettings) -> None:
+    """Training arguments that change how a batch is laid out, refused beside train.padding-free=true by name."""
+    if not train.padding_free:
+        return
+    args = dict(train.training_arguments)
+    for name, why in (("packing", "packs rows itself"), ("pad_to_multiple_of", "pads rows the app does not pad")):
+        if args.get(name) not in (None, False):
+            raise ConfigError(f"{training_argument_key(name)}={args[name]!r} with train.padding-free=true: TRL {why}; "
+                              "set train.padding-free=false to use it")
 
 
 def parse_config(run_config: Mapping[str, Any]) -> Config:
@@ -355,6 +389,8 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
         mcq_options=_choice(run_config, "train.mcq-options", MCQ_OPTIONS),
         dynamic_data_seed=_as_bool(run_config, "train.dynamic-data-seed"),
         release_memory=_as_bool(run_config, "train.release-memory"),
+        padding_free=_as_bool(run_config, "train.padding-free"),
+        cpu_compute=_choice(run_config, "train.cpu-compute", CPU_COMPUTE),
         training_arguments=_training_arguments(run_config),
     )
     strategy_key = f"{_TA_PREFIX}train-sampling-strategy"
@@ -370,6 +406,7 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
     if not 0.0 <= train.mcq_fraction <= 1.0:
         raise ConfigError(f"train.mcq-fraction={train.mcq_fraction!r}: must be in [0, 1]")
     _mcq_settings(train)
+    _padding_free_settings(train)
     if not 0.0 <= train.learning_rate_min <= train.learning_rate_max:
         raise ConfigError(
             f"train.learning-rate-min={train.learning_rate_min!r}: must be in "

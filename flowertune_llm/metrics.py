@@ -12,7 +12,16 @@ from typing import Any
 from flwr.common.logger import log
 
 from flowertune_llm.config import Config, ConfigError
-from flowertune_llm.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, read_metrics, status_record, write_json, write_text
+from flowertune_llm.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    read_json,
+    read_metrics,
+    status_record,
+    write_json,
+    write_text,
+)
 from flowertune_llm.runs import format_duration
 from flowertune_llm.strategy import RoundLog
 
@@ -47,6 +56,34 @@ def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) 
     )
 
 
+def round_compute(clients: list[dict[str, Any]]) -> str:
+    """What the round's clients computed in and why (devices.describe_compute), each distinct answer once."""
+    from flowertune_llm.devices import describe_compute
+
+    texts = sorted({describe_compute(bool(c["compute_bf16"]), int(c.get("compute_source", 0)),
+                                     float(c.get("bf16_matmul_speedup", 0.0)))
+                    + ("" if c.get("padding_free", 1.0) else ", padded")
+                    for c in clients if "compute_bf16" in c})
+    return "; ".join(texts) or "compute n/a"
+
+
+def previous_segments(run_dir: Path, last_round: int) -> list[dict[str, Any]]:
+    """The segments of a run folder that a resume from `last_round` continues (config.json's, each closed with its
+    process's last status time); [] for a new run. A run from before segments were recorded is one segment."""
+    problems: list[str] = []
+    old = read_json(Path(run_dir) / CONFIG_FILE, problems) if last_round > 0 else None
+    if not old:
+        return []
+    info = old.get("run") or {}
+    status = read_json(Path(run_dir) / STATUS_FILE, problems) or {}
+    segments = old.get("segments") or [{"first_round": 1, "num_nodes": info.get("num_nodes"),
+                                        "flower_run_id": info.get("flower_run_id"), "started": status.get("started")}]
+    kept = [dict(s) for s in segments if int(s.get("first_round", 1)) <= last_round]  # a replaced continuation goes
+    if kept and "ended" not in kept[-1] and status.get("updated") is not None:
+        kept[-1]["ended"] = status["updated"]
+    return kept
+
+
 class RunLog:
     """Writes a run's config and per-round metrics; refreshes the loss plot on request."""
 
@@ -54,10 +91,16 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # run_info: the flat run_config as Flower passed it, the node count the ServerApp saw, Flower's run id
-        config = {**cfg.to_dict(), "run": run_info or {}}
-        write_json(self.run_dir / CONFIG_FILE, config)
+        # run_info: the flat run_config as Flower passed it, the node count the ServerApp saw, Flower's run id.
+        # Each process that trains the run (the first, then every resume) adds a segment: which rounds it trained,
+        # on how many SuperNodes, under which Flower run, from when to when; the rules judge every one.
         self._started = time.time()
+        info = dict(run_info or {})
+        segments = previous_segments(self.run_dir, last_round)
+        segments.append({"first_round": last_round + 1, "num_nodes": info.get("num_nodes"),
+                         "flower_run_id": info.get("flower_run_id"), "started": self._started})
+        config = {**cfg.to_dict(), "run": {**info, "started": segments[0]["started"]}, "segments": segments}
+        write_json(self.run_dir / CONFIG_FILE, config)
         # A resumed run drops lines of rounds after its checkpoint (the killed run may have more), and
         # a last line a kill cut short.
         kept = [m for m in read_metrics(self.run_dir) if m["server_round"] <= last_round]
@@ -96,7 +139,7 @@ class RunLog:
         log(
             INFO,
             "[round %d/%d] train_loss=%s lr=%.3g clients=%d failed=%d | comm %.2f MiB "
-            "(total %.2f MiB, %.2f MiB with keys) | peak memory per client %s | rows %s | %.1fs, ETA %s",
+            "(total %.2f MiB, %.2f MiB with keys) | peak memory per client %s | rows %s | %s | %.1fs, ETA %s",
             round_log.server_round,
             self.cfg.num_server_rounds,
             loss,
@@ -108,6 +151,7 @@ class RunLog:
             record["mb_total_with_keys"],
             "n/a" if round_log.peak_mem_mb is None else f"{round_log.peak_mem_mb:,.0f} MiB",
             "n/a" if round_log.rows_new is None else f"{round_log.rows_new:,} new, {round_log.rows_covered:,} covered",
+            round_compute(round_log.client_losses),
             round_log.wall_time_s,
             format_duration(eta),
         )

@@ -19,17 +19,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, P
 
 from flowertune_llm.config import ConfigError, LoraSettings, ModelSettings
 from flowertune_llm.devices import compute_dtype, use_protocol_arithmetic
-from flowertune_llm.gguf import resolve_model_path
+from flowertune_llm.gguf import MODEL_CONFIG, resolve_model_path
 from flowertune_llm.hub import require_hub_or_cache
 
 AdapterState = dict[str, torch.Tensor]
 MODEL_KEY = "model.name"
 
 
-def quantization_config(bits: int, device: str) -> BitsAndBytesConfig | None:
-    """The bitsandbytes config for 4 or 8 bits (the baseline's defaults); None for full precision."""
+def quantization_config(bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for 4 or 8 bits (the baseline's defaults, 4-bit computing in `dtype`); None for full precision."""
     if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype(device))
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -47,8 +47,8 @@ def check_model_source(name: str) -> None:
             raise ConfigError(f"{MODEL_KEY}={name!r}: {exc}") from exc
         return
     if name.startswith((".", "/", "~")) or local.exists():
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"{MODEL_KEY}={name!r}: no HF model folder (config.json) at {local}")
+        if not (local / MODEL_CONFIG).is_file():
+            raise ConfigError(f"{MODEL_KEY}={name!r}: no HF model folder ({MODEL_CONFIG}) at {local}")
         return
     require_hub_or_cache(MODEL_KEY, name)
     try:
@@ -70,17 +70,29 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
-def load_base_model(settings: ModelSettings, device: str) -> PreTrainedModel:
-    """Load the (quantized) base model on one device."""
-    quant = quantization_config(settings.quantization, device)
+def model_shape(name: str) -> tuple[int, int]:
+    """(hidden size, MLP size) of a model, from its config alone: the shapes `devices.training_compute` times."""
+    config = AutoConfig.from_pretrained(resolve_model_path(name)).get_text_config()
+    hidden = int(config.hidden_size)
+    return hidden, int(getattr(config, "intermediate_size", None) or 4 * hidden)
+
+
+def load_base_model(settings: ModelSettings, device: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load the (quantized) base model on one device, computing in `dtype` (default: the device's).
+
+    A CPU model in bf16 (`train.cpu-compute`) stays bf16 throughout: PEFT's k-bit preparation
+    would cast its embeddings, norms and LM head back to float32, and the activations with them.
+    """
+    dtype = dtype or compute_dtype(device)
+    quant = quantization_config(settings.quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(settings.name),
         quantization_config=quant,
-        dtype=compute_dtype(device),
+        dtype=dtype,
         device_map={"": device},
     )
-    use_protocol_arithmetic(model)  # float32 dequantize on every CPU, before any forward
-    if quant is not None:
+    use_protocol_arithmetic(model)  # never bitsandbytes' fused bf16 CPU kernel: dequantize, then matmul
+    if quant is not None and not (device == "cpu" and dtype == torch.bfloat16):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
         )
@@ -90,9 +102,9 @@ def load_base_model(settings: ModelSettings, device: str) -> PreTrainedModel:
     return model
 
 
-def build_peft_model(settings: ModelSettings, device: str, seed: int) -> PeftModel:
+def build_peft_model(settings: ModelSettings, device: str, seed: int, dtype: torch.dtype | None = None) -> PeftModel:
     """Base model + a freshly initialised adapter (deterministic for a given seed)."""
-    model = load_base_model(settings, device)
+    model = load_base_model(settings, device, dtype)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, lora_config(settings.lora))
     peft_model.config.use_cache = False

@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,13 +94,23 @@ def first_sentence(text: str) -> str:
     return text[: match.start()] if match else text
 
 
-def similar_rows(instructions: Sequence[str], seed: int, partition_id: int) -> list[list[int]]:
-    """For each row, the other rows by how much its instruction shares with theirs (rarest words weigh most).
+#: How many candidate distractors `similar_rows` keeps per row (a question needs 3; the rest cover duplicates).
+SIMILAR_KEEP = 16
+
+
+def _similar_fallback(n: int, seed: int, partition_id: int) -> np.ndarray:
+    """The seeded order of rows that ties and rows sharing nothing follow (`similar_rows`, `mcq_examples`)."""
+    return np.random.default_rng([seed, partition_id, 0x73696D]).permutation(n)  # "sim"
+
+
+def similar_rows(instructions: Sequence[str], seed: int, partition_id: int, keep: int = SIMILAR_KEEP) -> list[list[int]]:
+    """For each row, the `keep` other rows whose instructions share most with it (rarest words weigh most).
 
     Score = sum of log(n / df) over the words two instructions share (stop words and words of one
     row left out; words in more than max(5%, 50) rows skipped, so the cost stays near-linear);
-    ties and rows sharing nothing follow a seeded order, so the result is a function of
-    (instructions, seed, partition) alone.
+    ties and rows sharing nothing follow a seeded order (`_similar_fallback`), so the result is a
+    function of (instructions, seed, partition) alone. Only `keep` per row are kept: memory grows
+    with the rows, not their square (docs/internals.md has the figures for a 26,000-row partition).
     """
     n = len(instructions)
     words = [set(re.findall(r"[a-z0-9]+", text.lower())) - _STOP_WORDS for text in instructions]
@@ -109,8 +121,7 @@ def similar_rows(instructions: Sequence[str], seed: int, partition_id: int) -> l
         for w in ws:
             if 1 < df[w] <= max_df:
                 postings.setdefault(w, []).append(i)
-    rng = np.random.default_rng([seed, partition_id, 0x73696D])  # "sim"
-    fallback = rng.permutation(n)
+    fallback = _similar_fallback(n, seed, partition_id)
     rank = np.empty(n, dtype=np.int64)
     rank[fallback] = np.arange(n)
     ranked = []
@@ -121,9 +132,15 @@ def similar_rows(instructions: Sequence[str], seed: int, partition_id: int) -> l
             for j in postings.get(w, ()):
                 scores[j] += weight
         scores.pop(i, None)
-        close = sorted(scores, key=lambda j: (-round(scores[j], 9), rank[j]))
-        seen = set(close)
-        ranked.append(close + [int(j) for j in fallback if j != i and j not in seen])
+        close = heapq.nsmallest(keep, scores, key=lambda j: (-round(scores[j], 9), rank[j]))
+        if len(close) < keep:
+            seen = set(close)
+            for j in fallback:
+                if len(close) >= min(keep, n - 1):
+                    break
+                if j != i and j not in seen:
+                    close.append(int(j))
+        ranked.append(close)
     return ranked
 
 
@@ -166,13 +183,18 @@ def mcq_examples(
     if options == "similar":
         outputs = [shorten(first_sentence(row["output"]), SHORT_OPTION_TOKENS) for row in rows]
         neighbours = similar_rows([user_text(r["instruction"], r.get("input") or "") for r in rows], seed, partition_id)
+        fallback = _similar_fallback(len(rows), seed, partition_id)
     else:
         outputs = [one_line(row["output"]) for row in rows]  # an option is one line, as in MMLU
         neighbours = None
     examples = []
     for i, row in enumerate(rows):
         chosen = rng.random() < fraction
-        order = rng.permutation(len(rows)) if neighbours is None else neighbours[i]  # candidate distractors
+        if neighbours is None:
+            order: Iterable[int] = rng.permutation(len(rows))  # candidate distractors
+        else:  # the closest rows, then (only if those are used up by duplicates) the seeded order
+            kept = set(neighbours[i])
+            order = itertools.chain(neighbours[i], (j for j in fallback if j not in kept))
         gold = int(rng.integers(len(LETTERS)))
         distractors: list[str] = []
         for j in order:

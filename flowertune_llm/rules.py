@@ -33,8 +33,13 @@ EVAL_QUANTIZATION = 4
 EVAL_SPLIT = "test"
 EVAL_CATEGORIES = LEADERBOARD_CATEGORIES
 EVAL_COUNTS = {c: FULL_TEST_COUNTS[c] for c in LEADERBOARD_CATEGORIES}
+#: `evaluate.data.question_set_sha256` of those questions (MMLU's test split, the three categories' 10,935, as
+#: cais/mmlu and Hendrycks' files have them; tests/test_rules.py recomputes it from the offline copy). Counts alone
+#: are not the questions: a file of the right counts with one answer changed hashes otherwise.
+TEST_QUESTIONS_SHA256 = "aca0cd70cfed42a601e9172b13db353793bbdbbc72286936b2ea3cda01ca7dd4"
 #: The `batching` of a results.json whose answers are the official (one-prompt-at-a-time) ones.
-EXACT_BATCHING = ("exact", "one-at-a-time")
+BATCHING_EXACT, BATCHING_SOLO, BATCHING_INEXACT = "exact", "one-at-a-time", "inexact"
+EXACT_BATCHING = (BATCHING_EXACT, BATCHING_SOLO)
 
 
 def is_local_model(name: str) -> bool:
@@ -79,6 +84,9 @@ def evaluation_violations(summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"split={summary.get('split')!r}: the leaderboard scores MMLU's {EVAL_SPLIT} split")
     if summary.get("limit") is not None:
         lines.append(f"limit={summary.get('limit')!r}: the leaderboard scores every question")
+    if summary.get("questions_sha256") != TEST_QUESTIONS_SHA256:
+        lines.append(f"questions_sha256={summary.get('questions_sha256')!r}: not the questions of MMLU's {EVAL_SPLIT} "
+                     f"split (the leaderboard's are {TEST_QUESTIONS_SHA256[:16]}...)")
     categories = summary.get("categories") or {}
     for category, count in EVAL_COUNTS.items():
         got = (categories.get(category) or {}).get("total")

@@ -1,11 +1,12 @@
 """The run folder, owned in one place: its file names, its atomic writes, its statuses and a reader that survives.
 
 A run folder is `results/<timestamp>/` with config.json, status.json, metrics.jsonl, loss.png and
-`peft_<N>/` checkpoints. Files are written whole (temp file, rename) and folders too (temp
-sibling, rename; a replaced folder is swapped in one step), so a crash leaves the old version or
-the new one, never a mixture. Reading tolerates what a kill can leave (a half-written last
-metrics line) and names what it cannot use, so one bad run never hides the others. Light: no
-torch, no flwr.
+`peft_<N>/` checkpoints. Files are written whole (temp file, fsync, rename, fsync of the folder)
+and folders too (temp sibling, rename; a replaced folder is swapped in one step), so a crash or a
+power loss leaves the old version or the new one, never a mixture; both get the permissions an
+ordinary write would (the umask's), not the owner-only ones of a temp file. Reading tolerates
+what a kill can leave (a half-written last metrics line) and names what it cannot use, so one
+bad run never hides the others. Light: no torch, no flwr.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ PLOT_FILE = "loss.png"
 CHECKPOINT_NAME = re.compile(r"^peft_(\d+)$")
 #: What resume needs beside the PEFT files of a checkpoint.
 METADATA_FILE = "flowertune_state.json"
+#: PEFT's two files of an adapter folder.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: The files of a complete checkpoint folder.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", METADATA_FILE)
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE)
+#: What `flowertune-eval` writes beside the official files, and an entry carries.
+RESULTS_FILE = "results.json"
 #: Where resume moves the checkpoints of rounds after the one it continues from.
 ABANDONED_DIR = "abandoned"
 #: A folder set aside while it is being replaced (the fallback where the swap is not available).
@@ -42,9 +48,36 @@ _PREVIOUS = ".{name}.previous"
 STATUSES = ("running", "complete", "stopped", "failed")
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (os.umask's set-and-restore races threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_mode(path: Path) -> None:
+    """Give a temp file or folder the mode an ordinary open()/mkdir() would have (mkstemp/mkdtemp make it 0600/0700)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a folder: where the file system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path` (same suffix) to write; on success it becomes `path` in one rename."""
+    """Yield a temp path beside `path` (same suffix) to write; on success it becomes `path` in one rename, with an
+    ordinary file's permissions, flushed to disk before the rename and the folder's entry after it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -52,7 +85,10 @@ def writing(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _ordinary_mode(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -104,33 +140,46 @@ def write_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        _ordinary_mode(tmp)
+        for inner in sorted(tmp.rglob("*"), reverse=True):  # every file, then its folders, on disk before the rename
+            _ordinary_mode(inner)  # copies (shutil.copy2) of owner-only files too
+            _fsync(inner)
+        _fsync(tmp)
         if not dest.exists():
             tmp.rename(dest)
+            _fsync(dest.parent)
             return
         if not replace:
             raise FileExistsError(f"{dest} exists; not overwriting it")
         if _exchange(tmp, dest):  # tmp now holds the old folder
+            _fsync(dest.parent)
             shutil.rmtree(tmp, ignore_errors=True)
             return
         previous = dest.with_name(_PREVIOUS.format(name=dest.name))
         shutil.rmtree(previous, ignore_errors=True)
         dest.rename(previous)
         tmp.rename(dest)
+        _fsync(dest.parent)
         shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def new_run_dir(output_dir: str | Path) -> Path:
-    """`<output_dir>/<timestamp>` (not created yet: nothing is written before the run starts)."""
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+def new_run_dir(output_dir: str | Path, suffix: str = "") -> Path:
+    """`<output_dir>/<timestamp>[_<suffix>]` (not created yet: nothing is written before the run starts)."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + (f"_{suffix}" if suffix else "")
     path = Path(output_dir).expanduser().resolve() / stamp
     suffix = 1
     while path.exists():
         path = path.with_name(f"{stamp}_{suffix}")
         suffix += 1
     return path
+
+
+def checkpoint_name(server_round: int) -> str:
+    """`peft_<N>`: the folder name of the checkpoint after round N (CHECKPOINT_NAME reads it back)."""
+    return f"peft_{server_round}"
 
 
 def checkpoint_round(folder: Path) -> int | None:
@@ -141,7 +190,28 @@ def checkpoint_round(folder: Path) -> int | None:
 
 def is_complete(folder: Path) -> bool:
     """A checkpoint folder with all its files (a temp folder from a crash never is)."""
-    return checkpoint_round(folder) is not None and all((Path(folder) / f).is_file() for f in ADAPTER_FILES)
+    return checkpoint_round(folder) is not None and is_complete_files(folder)
+
+
+def checkpoint_folders(run_dir: Path) -> dict[int, Path]:
+    """Round -> complete checkpoint folder of a run, without changing anything: a `peft_<N>` that a replacement
+    set aside (and a crash left there, `recover`) counts where `peft_<N>` itself is missing."""
+    found: dict[int, Path] = {}
+    for folder in Path(run_dir).iterdir():
+        name = folder.name
+        if name.startswith(".") and name.endswith(".previous"):
+            name = name[1:].removesuffix(".previous")
+        server_round = checkpoint_round(Path(name))
+        if server_round is None or not folder.is_dir() or not is_complete_files(folder):
+            continue
+        if folder.name == name or server_round not in found:
+            found[server_round] = folder
+    return found
+
+
+def is_complete_files(folder: Path) -> bool:
+    """A folder holding every file of a checkpoint (whatever its name)."""
+    return all((Path(folder) / f).is_file() for f in ADAPTER_FILES)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

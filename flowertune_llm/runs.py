@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flowertune_llm import rules
-from flowertune_llm.rundir import CONFIG_FILE, STATUS_FILE, is_complete, live_status, read_json, read_metrics
+from flowertune_llm.rundir import CONFIG_FILE, STATUS_FILE, checkpoint_folders, live_status, read_json, read_metrics
 
 def format_duration(seconds: float) -> str:
     """'1h02m', '3m05s', '42s'."""
@@ -58,9 +58,26 @@ class RunRecord:
         return dict((self.config.get("run") or {}).get("run_config") or {})
 
     @property
+    def segments(self) -> list[dict[str, Any]]:
+        """The processes that trained the run, in order (the first, then each resume): `first_round`, `last_round`,
+        `num_nodes`, `flower_run_id`, `started` (and `ended` once a later one took over). A run from before segments
+        were recorded is one segment, read from its `run` record."""
+        info = self.config.get("run") or {}
+        recorded = self.config.get("segments") or [{"first_round": 1, "num_nodes": info.get("num_nodes"),
+                                                    "flower_run_id": info.get("flower_run_id"),
+                                                    "started": self.status_file.get("started")}]
+        out = []
+        for i, segment in enumerate(recorded):
+            nxt = recorded[i + 1]["first_round"] if i + 1 < len(recorded) else (self.num_rounds or 0) + 1
+            out.append({**segment, "last_round": int(nxt) - 1})
+        return out
+
+    @property
     def num_nodes(self) -> int | None:
-        """How many SuperNodes the ServerApp saw (None for runs from before it was recorded)."""
-        return (self.config.get("run") or {}).get("num_nodes")
+        """How many SuperNodes the ServerApp saw, when every segment saw the same (None: not recorded, or they
+        differ: `segments` has each)."""
+        counts = {s.get("num_nodes") for s in self.segments}
+        return counts.pop() if len(counts) == 1 else None
 
     @property
     def num_rounds(self) -> int | None:
@@ -146,8 +163,17 @@ class RunRecord:
 
     @property
     def rule_violations(self) -> list[str]:
-        """The leaderboard rules (rules.py) this run breaks, as far as its folder tells."""
-        return rules.run_violations(self.dataset, self.base_model, self.num_nodes, self.comm_total_with_keys_mb)
+        """The leaderboard rules (rules.py) this run breaks, as far as its folder tells; the node count of every
+        segment (a run resumed on another federation names the segment)."""
+        lines = rules.run_violations(self.dataset, self.base_model, None, self.comm_total_with_keys_mb)
+        segments = self.segments
+        for i, segment in enumerate(segments, 1):
+            for line in rules.run_violations(self.dataset, self.base_model, segment.get("num_nodes")):
+                if line.startswith("num_nodes="):
+                    where = (f"segment {i} of {len(segments)} (rounds {segment['first_round']}-{segment['last_round']}, "
+                             f"Flower run {segment.get('flower_run_id')}): ") if len(segments) > 1 else ""
+                    lines.append(where + line)
+        return lines
 
     @property
     def rows_covered(self) -> int | None:
@@ -162,19 +188,21 @@ class RunRecord:
 
     @property
     def wall_time_s(self) -> float | None:
-        """Start to last update (status.json), else the rounds' and evaluations' own times added up."""
+        """Every segment's start to end (the last one's end: status.json's last update), else the rounds' and
+        evaluations' own times added up."""
         if "started" in self.status_file and "updated" in self.status_file:
-            return float(self.status_file["updated"]) - float(self.status_file["started"])
+            closed = [s for s in self.segments[:-1] if s.get("started") is not None and s.get("ended") is not None]
+            earlier = sum(float(s["ended"]) - float(s["started"]) for s in closed)
+            return earlier + float(self.status_file["updated"]) - float(self.status_file["started"])
         times = [float(m.get("wall_time_s") or 0) + float(m.get("val_eval_s") or 0) for m in self.metrics]
         return sum(times) if times else None
 
     @property
     def final_checkpoint(self) -> Path | None:
-        """peft_<num rounds>/ when complete on disk."""
+        """peft_<num rounds>/ when complete on disk (or, after a crash mid-replacement, the copy set aside)."""
         if self.num_rounds is None:
             return None
-        folder = self.path / f"peft_{self.num_rounds}"
-        return folder if folder.is_dir() and is_complete(folder) else None
+        return checkpoint_folders(self.path).get(self.num_rounds)
 
 
 def read_run(path: Path) -> RunRecord:
@@ -188,10 +216,8 @@ def read_run(path: Path) -> RunRecord:
     if config is None:
         raise RunsError(problems[0].removesuffix("; skipped"))
     status = read_json(path / STATUS_FILE, problems) or {}
-    checkpoints = sorted(
-        int(p.name.removeprefix("peft_")) for p in path.glob("peft_*") if p.is_dir() and is_complete(p)
-    )
-    return RunRecord(path, config, read_metrics(path, problems), status, checkpoints, problems)
+    rounds = sorted(checkpoint_folders(path))
+    return RunRecord(path, config, read_metrics(path, problems), status, rounds, problems)
 
 
 def find_runs(paths: list[Path], problems: list[str] | None = None) -> list[RunRecord]:
@@ -251,7 +277,7 @@ def rows(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
         out.append({
             "run": str(run.path),
             "status": run.status,
-            "base_model": Path(run.base_model).name if run.base_model.startswith(("/", ".", "~")) else run.base_model,
+            "base_model": Path(run.base_model).name if rules.is_local_model(run.base_model) else run.base_model,
             **{k: run.run_config.get(k) for k in keys},
             "rounds": run.rounds_done,
             "rules": run.rule_violations,

@@ -32,13 +32,28 @@ def nodes_per_round(num_nodes: int, fraction_train: float) -> int:
     return min(num_nodes, max(int(num_nodes * fraction_train), MIN_TRAIN_NODES))
 
 
-def row_order(seed: int, server_round: int, partition_id: int, num_rows: int, dynamic: bool) -> np.ndarray:
+def row_order(
+    seed: int, server_round: int, partition_id: int, num_rows: int, dynamic: bool, epoch: int = 0
+) -> np.ndarray:
     """The order in which a partition's rows are trained in a round (`train.dynamic-data-seed`).
 
     A permutation of range(num_rows) drawn from (seed, partition, round); with `dynamic=False`
     the round is left out, so every round gives the same order (what a fixed trainer seed gives).
+    A round that trains by epochs draws each later epoch's own order from (..., epoch) too.
     """
-    return np.random.default_rng([seed, partition_id, server_round if dynamic else 0, 0x6F72]).permutation(num_rows)
+    key = [seed, partition_id, server_round if dynamic else 0, 0x6F72] + ([epoch] if epoch else [])
+    return np.random.default_rng(key).permutation(num_rows)
+
+
+def epoch_orders(
+    seed: int, server_round: int, partition_id: int, num_rows: int, epochs: float
+) -> tuple[np.ndarray, float]:
+    """A round that trains `epochs` epochs over a partition in the round's own order: each epoch its own order
+    (`row_order` of epoch 0, 1, ...), laid end to end, and the epochs the trainer then runs over that (so
+    that it reads every order once: `epochs` / the orders laid out)."""
+    count = max(1, math.ceil(epochs))
+    orders = [row_order(seed, server_round, partition_id, num_rows, True, epoch=e) for e in range(count)]
+    return np.concatenate(orders), epochs / count
 
 
 def rows_per_round(
@@ -83,6 +98,9 @@ def rotation_order(
             break
         used += len(examples)
         taken += 1
+        if len(examples) not in (0, 1, BLOCK):
+            raise ValueError(f"row {int(r)} has {len(examples)} examples: a row is one example or a question's "
+                             f"{BLOCK} rotations (was one dropped?)")
         if len(examples) == 1:
             pending.append(examples[0])
             singles.append(examples[0])

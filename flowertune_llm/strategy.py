@@ -64,7 +64,8 @@ class CommStats:
 
 
 #: What a client reports about its device in a train reply (devices.RoundMemory, train.train_one_round).
-CLIENT_DEVICE_KEYS = ("peak_mem_mb", "peak_reserved_mb", "gpu", "visible_gpus")
+CLIENT_DEVICE_KEYS = ("peak_mem_mb", "peak_reserved_mb", "gpu", "visible_gpus", "compute_bf16", "compute_source",
+                      "bf16_matmul_speedup", "padding_free")
 
 
 @dataclass

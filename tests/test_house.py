@@ -59,6 +59,25 @@ def test_light_commands_load_no_ml_stack() -> None:
     assert out.strip() == "[]"
 
 
+def test_check_and_runs_commands_run_without_the_ml_stack(tmp_path) -> None:  # noqa: ANN001
+    """The commands themselves, run in a fresh interpreter: `check` of the shipped config (validated inputs) and
+    `runs` of a results folder load none of torch, transformers, TRL, PEFT or datasets (`check` parses the
+    run config with Flower's own functions, which import parts of flwr.server; `runs` loads no Flower at all)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import make_run
+
+    make_run(tmp_path, "run", rounds_done=2)
+    heavy = ("torch", "transformers", "trl", "peft", "datasets")
+    for argv, modules in ((["check", "--app", str(ROOT), "num-server-rounds=3"], heavy),
+                          (["runs", str(tmp_path)], (*heavy, "flwr"))):
+        code = (f"import sys; from flowertune_llm.cli import main; rc = main({argv!r}); "
+                f"print('LOADED', sorted(m for m in {modules!r} if m in sys.modules), rc)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        assert out.strip().splitlines()[-1] == "LOADED [] 0", (argv, out)
+
+
 def test_both_app_modules_import_the_ml_stack_before_anything_else_of_the_package() -> None:
     """Flower imports the ServerApp and the ClientApp from two threads: the ML stack's lazy names must be resolved
     under one module lock (ml_stack.py) before either app module touches them."""
@@ -95,3 +114,35 @@ def test_the_relative_links_of_the_readme_and_docs_resolve() -> None:
                 if anchor not in {github_slug(h) for h in headings}:
                     broken.append(f"{page.name}: {target} (no such heading)")
     assert broken == []
+
+
+#: Literals two modules spell on purpose, and why.
+SHARED_LITERALS = {"config.json": "a run folder's config (rundir.CONFIG_FILE) and an HF model folder's (gguf.MODEL_CONFIG)"}
+
+
+def name_literals() -> dict[str, set[str]]:
+    """Every file name ("x.json") or name template (f"peft_{n}") the package spells, with the modules that spell it."""
+    import re
+    from collections import defaultdict
+
+    file_name = re.compile(r"^[\w\-]+\.(json|jsonl|png|txt|csv|safetensors|gguf|toml|md)$")
+    template = re.compile(r"^[\w\-.]*[A-Za-z][\w\-.]*\{\}[\w\-.]*$|^[\w\-.]*\{\}[\w\-.]*[A-Za-z][\w\-.]*$")
+    found: dict[str, set[str]] = defaultdict(set)
+    for path in (ROOT / "flowertune_llm").rglob("*.py"):
+        module = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and file_name.match(node.value):
+                found[node.value].add(module)
+            elif isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+                if text.count("{}") == 1 and template.match(text):
+                    found[text].add(module)
+    return found
+
+
+def test_no_file_name_or_name_template_is_spelt_in_two_modules() -> None:
+    """One name, one place: a file name or a folder-name template written in two modules is defined twice."""
+    twice = {name: sorted(modules) for name, modules in name_literals().items()
+             if len(modules) > 1 and name not in SHARED_LITERALS}
+    assert twice == {}
+    assert name_literals()["peft_{}"] == {"flowertune_llm/rundir.py"}  # the scan sees templates

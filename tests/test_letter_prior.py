@@ -15,7 +15,7 @@ from flowertune_llm.dataset import federated_dataset, load_partition
 from flowertune_llm.letter_balance import answer_positions, complete_groups, letter_balance
 from flowertune_llm.prompts import first_sentence, mcq_examples, rotations, similar_rows, to_prompt_completion
 from flowertune_llm.schedule import Coverage, rotation_order, row_order
-from tests.helpers import ALPACA_SUBSET, ROOT, partition_sha256_in_new_process, rows_sha256, tiny_run_config
+from tests.helpers import ALPACA_SUBSET, ROOT, batch_rows, partition_sha256_in_new_process, rows_sha256, tiny_run_config
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -104,7 +104,7 @@ def test_a_clients_round_trains_each_letter_equally_often_with_whole_groups_per_
 
     def recording(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         if model.training:
-            batches.append([tuple(i[m.bool()].tolist()) for i, m in zip(inputs["input_ids"], inputs["attention_mask"])])
+            batches.append(batch_rows(inputs))
         return original(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
@@ -113,8 +113,8 @@ def test_a_clients_round_trains_each_letter_equally_often_with_whole_groups_per_
     terms: list[float | None] = []
     original_term = LetterBalance.term
 
-    def term(self, labels, rotations):  # noqa: ANN001, ANN202
-        value = original_term(self, labels, rotations)
+    def term(self, labels, rotations, *more):  # noqa: ANN001, ANN002, ANN202
+        value = original_term(self, labels, rotations, *more)
         terms.append(None if value is None else float(value.detach()))
         return value
 
@@ -200,12 +200,30 @@ def test_complete_groups_and_answer_positions() -> None:
     assert complete_groups([-1, 0, 1, 2, 3, 0, 1, -1]) == [1]
     assert complete_groups([0, 1, 2, 3, 0, 1, 2, 3]) == [0, 4]
     assert complete_groups([1, 2, 3, 0]) == []
+    # rotations 0-3 of two different questions side by side are no group: the question id must agree
+    assert complete_groups([0, 1, 2, 3, 0, 1, 2, 3], rows=[7, 7, 7, 7, 8, 8, 9, 8]) == [0]
     labels = torch.tensor([[-100, -100, 7, 2], [-100, 5, 2, -100]])
-    assert answer_positions(labels).tolist() == [1, 0]
+    assert answer_positions(labels) == [(0, 1), (1, 0)]
+    packed = torch.tensor([[-100, -100, 7, 2, -100, 5, 2]])  # the same two rows end to end (padding-free)
+    assert answer_positions(packed, [(0, 0, 4), (0, 4, 7)]) == [(0, 1), (0, 4)]
 
 
-def test_the_trainers_loss_adds_exactly_the_term_computed_from_full_logits(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """A second path: the term from the model's own logits (no fused head, no hook) equals what the trainer adds."""
+def test_a_row_with_a_rotation_missing_fails_loudly() -> None:
+    from flowertune_llm.schedule import rotation_order
+
+    with pytest.raises(ValueError, match="row 1 has 3 examples"):
+        rotation_order([0, 1], [0, 1, 1, 1], None)
+
+
+@pytest.mark.parametrize(("padding_free", "accumulation"), [(False, 1), (True, 1), (True, 2)])
+def test_the_trainers_loss_adds_exactly_the_term_computed_from_full_logits(
+    tiny_llama_dir: Path, tmp_path: Path, padding_free: bool, accumulation: int
+) -> None:
+    """A second path: the term from the model's own logits of a padded batch (no fused head, no hook, no packing)
+    equals what the trainer adds, padded or padding-free; with gradient accumulation, divided over its steps
+    (the Trainer leaves the averaging to the loss when it passes `num_items_in_batch`)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     from flowertune_llm.evaluate.generation import letter_token_ids
     from flowertune_llm.models import initial_adapter
     from flowertune_llm.train import make_trainer
@@ -218,21 +236,27 @@ def test_the_trainers_loss_adds_exactly_the_term_computed_from_full_logits(tiny_
     for weight in (0.0, 2.0):
         cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
             "train.prompt-template": "mcq", "train.seq-length": 512, "train.mcq-rotations": True,
-            "train.mcq-balance": weight}))
+            "train.mcq-balance": weight, "train.padding-free": padding_free, "model.lora.peft-lora-dropout": 0.0,
+            "train.training-arguments.gradient-accumulation-steps": accumulation}))
         start, _ = initial_adapter(cfg.model, cfg.train.seed)
         trainer = make_trainer(cfg, start, subset, 1e-3, str(tmp_path / str(weight)), models=None)
-        trainer.model.eval()
-        examples = [trainer.train_dataset[k] for k in range(4)]
-        collator = trainer.data_collator
-        batch = collator([{k: v for k, v in e.items() if k in ("input_ids", "labels", "mcq_rotation")} for e in examples])
+        trainer.model.train()  # the term is a training term (evaluation reports the completion loss alone); no dropout
+        trainer.current_gradient_accumulation_steps = accumulation
+        examples = [{k: v for k, v in trainer.train_dataset[k].items() if k in ("input_ids", "labels", "mcq_rotation",
+                                                                                "mcq_row")} for k in range(4)]
+        batch = trainer.data_collator(examples)
+        assert ("cu_seq_lens_q" in batch) == padding_free
+        labelled = int((batch["labels"] != -100).sum())
         with torch.no_grad():
-            losses[weight] = float(trainer.compute_loss(trainer.model, dict(batch)))
+            losses[weight] = float(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=labelled))
             if weight:
-                plain = {k: v for k, v in batch.items() if k not in ("labels", "mcq_rotation")}
-                logits = trainer.model(**plain).logits
-                pos = answer_positions(batch["labels"])
-                letters = logits[torch.arange(4), pos][:, letter_token_ids(trainer.processing_class)]
-                term = weight * float(letter_balance(letters.view(1, 4, 4)))
+                padded = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)(
+                    [{k: e[k] for k in ("input_ids", "labels")} for e in examples])
+                logits = trainer.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+                at = answer_positions(padded["labels"])
+                letters = logits[torch.tensor([r for r, _ in at]), torch.tensor([p for _, p in at])]
+                letters = letters[:, letter_token_ids(trainer.processing_class)]
+                term = weight * float(letter_balance(letters.view(1, 4, 4))) / accumulation
     assert term > 0
     assert losses[2.0] - losses[0.0] == pytest.approx(term, rel=1e-3, abs=1e-6)
 

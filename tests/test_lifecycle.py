@@ -22,7 +22,7 @@ from flowertune_llm.rundir import latest_checkpoint, read_metrics
 from flowertune_llm.schedule import sample_round
 from flowertune_llm.strategy import FlowerTuneFedAvg, RoundLog
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
-from tests.helpers import ROOT, FakeGrid, reply, smollm2_adapter, tiny_run_config
+from tests.helpers import ROOT, FakeGrid, default_run_config, reply, smollm2_adapter, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run identity
 
@@ -165,3 +165,94 @@ def test_run_log_writes_config_metrics_and_plot(tmp_path: Path, tiny_llama_dir: 
     RunLog(tmp_path / "run", cfg, last_round=2)  # resuming after round 2 drops round 3's line
     assert [r["server_round"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     np.testing.assert_allclose(rows[1]["lr"], cfg.lr(2))
+
+
+def test_every_config_key_is_recorded_since_the_start_added_later_or_free_to_change() -> None:
+    """A key added to Config must say what older checkpoints trained with (ADDED_LATER) or that it may change on
+    resume (RESUME_MAY_CHANGE): otherwise every checkpoint saved before it would be refused."""
+    from flowertune_llm.checkpoint import ADDED_LATER, FIRST_KEYS, RESUME_MAY_CHANGE, _flat
+
+    keys = set(_flat(parse_config(default_run_config()).to_dict()))
+    unknown = keys - FIRST_KEYS - set(ADDED_LATER) - RESUME_MAY_CHANGE
+    assert not unknown, f"add to checkpoint.ADDED_LATER (the value older checkpoints trained with): {sorted(unknown)}"
+    assert not (FIRST_KEYS | set(ADDED_LATER) | RESUME_MAY_CHANGE) - keys  # no stale names
+
+
+def _without(config: dict, dotted: str) -> dict:
+    """A copy of a nested config dict without one dotted key."""
+    out = json.loads(json.dumps(config))
+    *path, last = dotted.split(".")
+    node = out
+    for part in path:
+        node = node[part]
+    node.pop(last, None)
+    return out
+
+
+def test_a_checkpoint_missing_any_later_key_resumes_with_the_value_it_trained_with(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """Each key added later dropped in turn, then all of them (the first release's checkpoints), then a folder
+    written as the release before issue 35 wrote it: a resume with the values they trained with continues."""
+    from flowertune_llm.checkpoint import ADDED_LATER, RESUME_MAY_CHANGE, config_differences
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"num-server-rounds": 4, "train.dynamic-data-seed": False}))
+    saved = json.loads(json.dumps(cfg.to_dict(), default=str))
+    later = list(ADDED_LATER) + sorted(RESUME_MAY_CHANGE)
+    for key in later:
+        assert config_differences(_without(saved, key), cfg) == [], key
+    everything = saved
+    for key in later:
+        everything = _without(everything, key)
+    assert config_differences(everything, cfg) == []
+    # as the previous release wrote peft_2: no mcq rotation/balance/option keys, no padding-free/cpu-compute keys, and
+    # train.training-arguments.save-strategy = "no" in the pyproject (now set by the app, refused as a key)
+    comm = {"sent_payload": 1, "sent_with_keys": 2, "received_payload": 3, "received_with_keys": 4}
+    meta = checkpoint_metadata(cfg, 2, comm)
+    for key in ("train.mcq_rotations", "train.mcq_balance", "train.mcq_options", "train.padding_free",
+                "train.cpu_compute"):
+        meta["config"] = _without(json.loads(json.dumps(meta["config"], default=str)), key)
+    meta["config"]["train"]["training_arguments"].append(["save_strategy", "no"])
+    state, peft_config = initial_adapter(cfg.model, cfg.train.seed)
+    save_adapter(tmp_path / "run" / "peft_2", state, peft_config, meta)
+    resumed = parse_config(tiny_run_config(tiny_llama_dir, **{
+        "num-server-rounds": 4, "train.dynamic-data-seed": False, "train.resume-from": str(tmp_path / "run")}))
+    assert load_resume(resumed).round == 2
+    # ... while a real difference is still refused
+    other = parse_config(tiny_run_config(tiny_llama_dir, **{
+        "num-server-rounds": 4, "train.resume-from": str(tmp_path / "run")}))
+    with pytest.raises(ConfigError, match="train.dynamic_data_seed: False -> True"):
+        load_resume(other)
+
+
+def test_a_resume_keeps_each_segments_evidence_and_the_rules_judge_every_segment(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """2 rounds on 2 SuperNodes, then a resume on 20: config.json keeps both segments (node count, Flower run id,
+    start), `runs` shows the whole wall time, and the submission rules name the 2-node segment."""
+    import time
+
+    from flowertune_llm.runs import read_run
+    from flowertune_llm.submission import rule_violations
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"num-server-rounds": 4}))
+    run = tmp_path / "run"
+    first = RunLog(run, cfg, run_info={"run_config": {}, "num_nodes": 2, "flower_run_id": 11})
+    first.set_status("running")
+    for rnd in (1, 2):
+        first.append(RoundLog(rnd, cfg.lr(rnd), [rnd], 2, 0, 2.0, [{"partition": rnd, "loss": 2.0}]))
+    time.sleep(0.2)
+    first.set_status("running")  # the process's last word before it was killed
+    second = RunLog(run, cfg, last_round=2, run_info={"run_config": {}, "num_nodes": 20, "flower_run_id": 12})
+    second.set_status("running")
+    for rnd in (3, 4):
+        second.append(RoundLog(rnd, cfg.lr(rnd), [rnd], 2, 0, 2.0, [{"partition": rnd, "loss": 2.0}]))
+    second.set_status("complete")
+    record = read_run(run)
+    assert [(s["first_round"], s["last_round"], s["num_nodes"], s["flower_run_id"]) for s in record.segments] == [
+        (1, 2, 2, 11), (3, 4, 20, 12)]
+    assert record.num_nodes is None  # two federations: no single node count to report
+    assert record.wall_time_s >= 0.2  # the first segment's time counts too
+    assert record.config["run"]["started"] == record.segments[0]["started"]
+    (line,) = [v for v in rule_violations(record) if "num_nodes=" in v]
+    assert line.startswith("segment 1 of 2 (rounds 1-2, Flower run 11): num_nodes=2:"), line

@@ -35,6 +35,7 @@ def test_a_run_on_the_rules_gets_no_violation_and_each_break_is_named() -> None:
 def full_summary(**changes: object) -> dict:
     """A results.json summary of a rule-abiding evaluation, with changes."""
     summary = {"quantization": 4, "split": "test", "limit": None, "batching": "exact",
+               "questions_sha256": rules.TEST_QUESTIONS_SHA256,
                "categories": {c: {"total": n} for c, n in rules.EVAL_COUNTS.items()}}
     return {**summary, **changes}
 
@@ -48,3 +49,43 @@ def test_an_evaluation_must_be_4bit_on_the_full_test_split_and_exact() -> None:
     partial = full_summary(categories={"stem": {"total": 3153}, "social_sciences": {"total": 3077}})
     assert rules.evaluation_violations(partial) == [
         "categories.humanities.total=None: the full test split has 4705 questions"]
+
+
+def test_the_official_question_set_hash_is_the_offline_test_splits_and_one_changed_answer_changes_it(tmp_path) -> None:  # noqa: ANN001
+    """The leaderboard's questions by content: the official hash recomputed from the offline MMLU test split; the
+    same file with ONE answer changed (saved under a name that says test) has the same counts and another hash,
+    and its evaluation is refused naming questions_sha256."""
+    import json
+
+    from flowertune_llm.evaluate.data import by_category, load_questions, question_set_sha256, split_of
+    from tests.helpers import MMLU_DIR
+
+    def scored(path) -> tuple[str, dict]:  # noqa: ANN001
+        questions = by_category(load_questions(str(path)), list(rules.EVAL_CATEGORIES))
+        return question_set_sha256(q for qs in questions.values() for q in qs), {c: len(q) for c, q in questions.items()}
+
+    official, counts = scored(MMLU_DIR / "mmlu_test.jsonl")
+    assert official == rules.TEST_QUESTIONS_SHA256 and counts == rules.EVAL_COUNTS
+    lines = (MMLU_DIR / "mmlu_test.jsonl").read_text().rstrip("\n").split("\n")  # not splitlines: rows hold \x0c
+    row = json.loads(lines[0])
+    row["answer"] = "ABCD"[("ABCD".index(row["answer"]) + 1) % 4]
+    fixed = tmp_path / "mmlu_test_fixed.jsonl"
+    fixed.write_text("\n".join([json.dumps(row), *lines[1:]]) + "\n")
+    changed, changed_counts = scored(fixed)
+    assert changed_counts == counts and changed != official and split_of(str(fixed)) == "test"
+    (line,) = rules.evaluation_violations(full_summary(questions_sha256=changed))
+    assert line.startswith(f"questions_sha256='{changed}': not the questions of MMLU's test split")
+
+
+def test_a_files_split_is_a_word_of_its_name_not_a_substring() -> None:
+    from flowertune_llm.evaluate.data import split_of
+
+    assert split_of(__file__.replace("test_rules.py", "x")) == "test"  # not a file: the split asked for
+    for name, split in (("mmlu_val_latest.jsonl", "validation"), ("mmlu_test.jsonl", "test"),
+                        ("contest-results.jsonl", "unknown"), ("mmlu_dev.csv", "dev"), ("val_and_test.jsonl", "unknown")):
+        path = __import__("pathlib").Path("/tmp") / name
+        path.write_text("")
+        try:
+            assert split_of(str(path)) == split, name
+        finally:
+            path.unlink()

@@ -154,3 +154,51 @@ def test_runs_shows_which_leaderboard_rules_a_run_breaks(tmp_path: Path, capsys:
     assert cli(["runs", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "2 broken" in table and " ok " in table
+
+
+def test_written_files_and_folders_get_an_ordinary_writes_permissions_and_reach_the_disk_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkstemp/mkdtemp make 0600/0700 entries; what the tool writes is readable as an ordinary write would leave it
+    (the umask's mode), also for an owner-only file copied in; every file is fsynced before its rename."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        synced: list[str] = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+        rundir.write_json(tmp_path / "run" / "config.json", {"a": 1})
+        assert stat.S_IMODE((tmp_path / "run" / "config.json").stat().st_mode) == 0o644
+        assert any(".config." in s and s.endswith(".tmp.json") for s in synced)  # the temp file, before its rename
+        private = tmp_path / "private.txt"
+        private.write_text("x")
+        private.chmod(0o600)
+        import shutil
+
+        with rundir.write_folder(tmp_path / "entry") as tmp:
+            (tmp / "inner").mkdir()
+            shutil.copy2(private, tmp / "inner" / "copied.txt")  # copy2 carries 0600
+        modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+                 for p in [tmp_path / "entry", *(tmp_path / "entry").rglob("*")]}
+        assert modes == {"entry": 0o755, "entry/inner": 0o755, "entry/inner/copied.txt": 0o644}
+        os.umask(0o077)  # a user who wants owner-only files gets them
+        rundir.write_text(tmp_path / "run" / "status.json", "{}")
+        assert stat.S_IMODE((tmp_path / "run" / "status.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_a_checkpoint_set_aside_by_a_crash_mid_replacement_is_still_the_runs_final_checkpoint(tmp_path: Path) -> None:
+    """Where the folder swap is not available, a replacement renames peft_N away, then the new one in: a crash
+    between the two leaves only `.peft_N.previous`; the readers find it, as `latest_checkpoint` does."""
+    run = make_run(tmp_path, "run", rounds_done=4, num_rounds=4)
+    aside = run / ".peft_4.previous"
+    aside.mkdir()
+    for name in rundir.ADAPTER_FILES:
+        (aside / name).write_text("{}")
+    record = read_run(run)
+    assert record.final_checkpoint == aside and 4 in record.checkpoints
+    assert list(run.glob("peft_*")) == []  # reading changed nothing
+    assert latest_checkpoint(run) == run / "peft_4"  # resume puts it back

@@ -118,7 +118,8 @@ def test_submission_builds_an_entry_whose_numbers_match_the_evaluation_in_the_of
     assert "not the full MMLU test split" in readme and "**Not eligible for the leaderboard**" in readme
     violations = [line for line in readme.splitlines() if line.startswith("> - ")]
     assert [v[4:].split("=")[0] for v in violations] == [
-        "model.name", "categories.stem.total", "categories.social_sciences.total", "categories.humanities.total"]
+        "model.name", "questions_sha256", "categories.stem.total", "categories.social_sciences.total",
+        "categories.humanities.total"]
     assert "Communication cost:** 14.94 MB" in readme and "902 MiB peak" in readme
     assert "flowertune-eval --base-model-name-path" in readme and "flwr run . --stream" in readme
     assert "flwrlabs/alpaca-gpt4" in readme and "not leaderboard figures" in readme
@@ -140,6 +141,7 @@ def full_split_evaluation(source: Path, dest: Path, **changes: Any) -> Path:
     summary = json.loads((dest / "results.json").read_text())
     for cat, count in rules.EVAL_COUNTS.items():
         summary["categories"][cat]["total"] = count
+    summary["questions_sha256"] = rules.TEST_QUESTIONS_SHA256  # as if it had scored the official questions
     summary.update(changes)
     (dest / "results.json").write_text(json.dumps(summary))
     return dest
@@ -169,6 +171,9 @@ def test_an_evaluation_is_reused_only_for_the_same_adapter_on_the_same_base_unde
     assert "categories.stem.total=4: the full test split has 3153" in refused(scored)  # as scored: 4 per category
     assert "split='validation'" in refused(full_split_evaluation(scored, tmp_path / "val", split="validation"))
     assert "batching='inexact'" in refused(full_split_evaluation(scored, tmp_path / "inexact", batching="inexact"))
+    as_scored = json.loads((scored / "results.json").read_text())["questions_sha256"]  # the small split's own
+    assert f"questions_sha256='{as_scored}'" in refused(
+        full_split_evaluation(scored, tmp_path / "other", questions_sha256=as_scored))  # right counts, other questions
     other_alpha = tmp_path / "alpha" / peft.name
     shutil.copytree(peft, other_alpha)  # the same weights, another lora_alpha: another adapter
     config = json.loads((other_alpha / "adapter_config.json").read_text())

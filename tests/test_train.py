@@ -36,6 +36,18 @@ def test_local_evaluation_returns_a_finite_loss(tiny_llama_dir: Path) -> None:
     assert math.isfinite(loss) and n == 50
 
 
+def test_local_evaluation_loss_is_the_completion_loss_without_the_letter_balance_term(tiny_llama_dir: Path) -> None:
+    """eval_loss is the completion loss its docstring promises: the same with the balance term at 5 as at 0."""
+    losses = []
+    for weight in (0.0, 5.0):
+        cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
+            "train.prompt-template": "mcq", "train.mcq-fraction": 1.0, "train.mcq-rotations": True,
+            "train.mcq-balance": weight, "train.seq-length": 512}))
+        start, _ = initial_adapter(cfg.model, cfg.train.seed)
+        losses.append(evaluate_adapter(cfg, start, partition_id=1, num_partitions=20)[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_threads_follow_the_cpus_a_process_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
@@ -71,7 +83,8 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
     from flowertune_llm.train import make_trainer
     from tests.helpers import ALPACA_SUBSET
 
-    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"model.quantization": 4, "static.dataset.name": str(ALPACA_SUBSET)}))
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"model.quantization": 4, "static.dataset.name": str(ALPACA_SUBSET),
+                                                          "train.padding-free": False}))  # padded: its own test
     start, _ = initial_adapter(cfg.model, cfg.train.seed)
     torch.manual_seed(0)  # a trained-looking adapter, so the adapter's dtype matters
     start = {k: v + 0.05 * torch.randn_like(v) if "lora_B" in k else v for k, v in start.items()}
@@ -118,8 +131,8 @@ def test_optimized_step_keeps_the_loss_mask_normalisation_and_gradients(
     assert cosine > 0.99, cosine
 
 
-@pytest.mark.parametrize("overrides, applied", [({}, True), ({"train.release-memory": False}, False)])
-def test_release_memory_is_applied_by_default_and_not_when_turned_off(
+@pytest.mark.parametrize("overrides, applied", [({}, False), ({"train.release-memory": True}, True)])
+def test_release_memory_is_off_by_default_and_applied_when_turned_on(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict, applied: bool
 ) -> None:
     import flowertune_llm.devices as devices_mod

@@ -8,7 +8,14 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from flowertune_llm.devices import default_device, hardware
-from flowertune_llm.evaluate.data import DEFAULT_DATA, Question, by_category, load_questions, split_of
+from flowertune_llm.evaluate.data import (
+    DEFAULT_DATA,
+    Question,
+    by_category,
+    load_questions,
+    question_set_sha256,
+    split_of,
+)
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.evaluate.model import adapter_config_sha256, adapter_sha256, load_model
 from flowertune_llm.evaluate.results import EvalResult, write_outputs
@@ -50,6 +57,8 @@ def evaluate_mmlu(
             "data": data,
             "limit": limit,
             "split": split_of(data),
+            # the questions scored, by content: rules.evaluation_violations requires the official test split's
+            "questions_sha256": question_set_sha256(q for qs in questions.values() for q in qs),
             # identity by content: `flowertune-llm submission` reuses this evaluation only for the same adapter
             # weights and config on the same base weights (rules.evaluation_violations checks the rest)
             "adapter_sha256": adapter_sha256(peft_path) if peft_path else None,

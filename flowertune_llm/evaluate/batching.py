@@ -15,6 +15,7 @@ from transformers import (
 
 import flowertune_llm.ml_stack  # noqa: F401  (progress bars quiet, lazy names resolved)
 from flowertune_llm.evaluate.attention import batch_invariant
+from flowertune_llm.rules import BATCHING_EXACT, BATCHING_INEXACT, BATCHING_SOLO
 from flowertune_llm.evaluate.generation import generate
 
 LOG = logging.getLogger("flowertune_llm.evaluate")
@@ -24,7 +25,7 @@ LOG = logging.getLogger("flowertune_llm.evaluate")
 class BatchingCheck:
     """What the on-device probe found, and so how the questions were scored."""
 
-    mode: str  # "exact" | "one-at-a-time" | "inexact"
+    mode: str  # rules.BATCHING_EXACT | BATCHING_SOLO | BATCHING_INEXACT
     batch_size: int  # the batch size the scoring used
     requested_batch_size: int
     probe_prompts: int = 0
@@ -76,13 +77,13 @@ def check_batching(
     """
     solo = SoloAnswers()
     if batch_size <= 1 or len(prompts) <= 1:
-        return BatchingCheck("one-at-a-time", 1, batch_size, reason="batch size 1"), solo
+        return BatchingCheck(BATCHING_SOLO, 1, batch_size, reason="batch size 1"), solo
     if not batch_invariant(model):
         reason = "8-bit (LLM.int8) picks its outlier columns over the whole batch"
         if allow_inexact:
-            return BatchingCheck("inexact", batch_size, batch_size, reason=reason), solo
+            return BatchingCheck(BATCHING_INEXACT, batch_size, batch_size, reason=reason), solo
         LOG.warning("--batch-size %d: %s; scoring one prompt at a time", batch_size, reason)
-        return BatchingCheck("one-at-a-time", 1, batch_size, reason=reason), solo
+        return BatchingCheck(BATCHING_SOLO, 1, batch_size, reason=reason), solo
     new_tokens = list(new_tokens) if new_tokens is not None else [1] * len(prompts)
     length = Counter(new_tokens).most_common(1)[0][0]  # probe prompts share one answer length
     pool = [i for i, n in enumerate(new_tokens) if n == length]
@@ -100,7 +101,7 @@ def check_batching(
         "flipped": int((batched.argmax(dim=1) != alone.argmax(dim=1)).sum()),
     }
     if differing == 0:
-        return BatchingCheck("exact", batch_size, batch_size, **figures), solo
+        return BatchingCheck(BATCHING_EXACT, batch_size, batch_size, **figures), solo
     line = (
         f"batching check: {differing} of {len(picked)} probe prompts give other answer-position logits "
         f"batched than one at a time on this device (largest difference {figures['max_abs_diff']:.3g}, "
@@ -108,6 +109,6 @@ def check_batching(
     )
     if allow_inexact:
         LOG.warning("%skeeping batches of %d (--allow-inexact-batching)", line, batch_size)
-        return BatchingCheck("inexact", batch_size, batch_size, **figures, reason="probe differed"), SoloAnswers()
+        return BatchingCheck(BATCHING_INEXACT, batch_size, batch_size, **figures, reason="probe differed"), SoloAnswers()
     LOG.warning("%sscoring one prompt at a time (--allow-inexact-batching keeps the batches)", line)
-    return BatchingCheck("one-at-a-time", 1, batch_size, **figures, reason="probe differed"), solo
+    return BatchingCheck(BATCHING_SOLO, 1, batch_size, **figures, reason="probe differed"), solo

@@ -11,6 +11,7 @@ from flowertune_llm.config import ConfigError
 from flowertune_llm.evaluate.data import DEFAULT_DATA, EvalDataError
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
 from flowertune_llm.gguf import GgufError
+from flowertune_llm.rundir import RESULTS_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.report())
-    print(f"results: {Path(args.output_dir) / 'results.json'}")
+    print(f"results: {Path(args.output_dir) / RESULTS_FILE}")
     return 0
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,12 +94,27 @@ def _local_files(path: Path, split: str, key: str) -> list[Path]:
 
 def split_of(data: str, split: str = "test") -> str:
     """Which MMLU split `load_questions(data, split)` reads: the split asked for from a hub id or a folder; for a
-    single file, what its name says ("test", "validation", "dev"), else "unknown"."""
+    single file, the split its name says as a word of its own ("mmlu_val_latest" is validation, never "la-test"),
+    else "unknown". A name is only a label: what identifies the questions is `question_set_sha256`."""
     path = Path(data).expanduser()
     if not path.is_file():
         return split
-    name = path.name.lower()
-    return next((s for key, s in (("test", "test"), ("val", "validation"), ("dev", "dev")) if key in name), "unknown")
+    words = set(re.split(r"[^a-z]+", path.stem.lower()))
+    splits = {"test": "test", "val": "validation", "valid": "validation", "validation": "validation", "dev": "dev"}
+    found = {splits[w] for w in words if w in splits}
+    return found.pop() if len(found) == 1 else "unknown"
+
+
+def question_set_sha256(questions: Iterable[Question]) -> str:
+    """SHA-256 of a set of questions: the (subject, question, options, answer) rows, in a canonical order (sorted),
+    so the same questions from the hub or a local copy hash alike and one changed answer changes it."""
+    rows = sorted(json.dumps([q.subject, q.question, list(q.options), q.answer], ensure_ascii=False)
+                  for q in questions)
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(row.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 def load_questions(data: str = DEFAULT_DATA, split: str = "test", key: str = "--data") -> list[Question]:

