@@ -35,6 +35,7 @@ RESUME_MAY_CHANGE = {
     "train.release_memory",
     "train.padding_free",  # how a step is laid out and in which dtype it computes: the same recipe, other rounding
     "train.cpu_compute",
+    "model.gradient_checkpointing",  # recomputation only (RNG state kept: bit-identical steps, docs/benchmarks.md)
     "strategy.fraction_evaluate",
     "comm.tensorboard",
     "eval.every_round",
@@ -46,7 +47,7 @@ RESUME_MAY_CHANGE = {
 #: The config keys checkpoints have recorded since resume began (6006d3b, 2026-11-25). Every key since is in
 #: ADDED_LATER or RESUME_MAY_CHANGE (tests/test_checkpoint.py fails on one that is in neither).
 FIRST_KEYS = frozenset({
-    "num_server_rounds", "dataset_name", "model.name", "model.quantization", "model.gradient_checkpointing",
+    "num_server_rounds", "dataset_name", "model.name", "model.quantization",
     "model.lora.r", "model.lora.alpha", "model.lora.dropout", "model.lora.use_dora", "model.lora.target_modules",
     "train.save_every_round", "train.learning_rate_max", "train.learning_rate_min", "train.seq_length", "train.seed",
     "train.output_dir", "train.resume_from", "train.training_arguments", "comm.dtype", "comm.tensorboard",

@@ -94,9 +94,9 @@ def load_base_model(settings: ModelSettings, device: str, dtype: torch.dtype | N
     use_protocol_arithmetic(model)  # never bitsandbytes' fused bf16 CPU kernel: dequantize, then matmul
     if quant is not None and not (device == "cpu" and dtype == torch.bfloat16):
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.gradient_checkpointing
+            model, use_gradient_checkpointing=settings.checkpointing(device)
         )
-    elif settings.gradient_checkpointing:
+    elif settings.checkpointing(device):
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     return model

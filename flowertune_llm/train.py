@@ -87,7 +87,7 @@ def app_training_arguments(cfg: Config, lr: float, output_dir: str, device: str,
         learning_rate=lr,
         max_length=cfg.train.seq_length,
         completion_only_loss=True,  # loss on the response (+ EOS) only
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing=cfg.model.checkpointing(device),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         seed=cfg.train.seed,
         use_cpu=device == "cpu",

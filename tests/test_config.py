@@ -229,3 +229,21 @@ def test_the_shipped_trainer_inputs_are_the_validated_ones() -> None:
     check_training_arguments(cfg)
     assert trainer_inputs(cfg) == VALIDATED_TRAINER_INPUTS
     assert trainer_inputs(parse_config(default_run_config(**{"train.seq-length": 256}))) != VALIDATED_TRAINER_INPUTS
+
+
+def test_check_names_a_layout_refused_beside_padding_free(tmp_path, capsys) -> None:  # noqa: ANN001
+    from flowertune_llm.cli import main
+
+    app = app_with_training_arguments(tmp_path, packing=True)
+    assert main(["check", "--app", str(app), "num-server-rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.training-arguments.packing=True with train.padding-free=true"), err
+    assert main(["check", "--app", str(app), "train.padding-free=false"]) == 0  # the user's own choice without it
+
+
+@pytest.mark.parametrize(("value", "cpu", "gpu"), [("auto", False, True), (True, True, True), (False, False, False),
+                                                   ("true", True, True)])
+def test_gradient_checkpointing_auto_is_off_on_a_cpu_and_on_for_a_gpu(value: object, cpu: bool, gpu: bool) -> None:
+    settings = parse_config(default_run_config(**{"model.gradient-checkpointing": value})).model
+    assert (settings.checkpointing("cpu"), settings.checkpointing("cuda")) == (cpu, gpu)
+    assert parse_config(default_run_config()).model.gradient_checkpointing is None  # the shipped default: auto

@@ -175,3 +175,31 @@ def test_the_round_log_says_what_each_client_computed_in_and_why() -> None:
     assert round_compute(clients) == ("compute bf16 (matmul bf16 3.7x float32, threshold 1.5x); "
                                       "compute float32 (train.cpu-compute), padded")
     assert round_compute([{"loss": 1.0}]) == "compute n/a"  # replies from before these fields
+
+
+def test_evaluation_keeps_the_protocols_float32_after_a_bf16_training_round_in_the_same_process(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A client process that trained in bf16 (bf16 model cached, TRL's tiles set) and then scores as the ServerApp
+    does (`Validator`'s AdapterScorer): a float32 4-bit model, and the identity DoRA adapter answers exactly as the
+    base model (flowertune-eval, no adapter) on the same questions."""
+    from flowertune_llm.evaluate.api import AdapterScorer, evaluate_mmlu
+    from flowertune_llm.evaluate.data import by_category, load_questions
+    from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
+    from tests.helpers import MMLU_VAL
+
+    cfg = parse_config(tiny_run_config(tiny_llama_dir, **{"train.cpu-compute": "bfloat16", "model.quantization": 4}))
+    start, peft_config = initial_adapter(cfg.model, cfg.train.seed)
+    models = ModelCache()
+    result = train_one_round(cfg, start, 0, 20, 1e-3, models=models, tokenized=TokenizedCache())
+    assert result.device["compute_bf16"] == 1.0
+    assert models.get(cfg.model, "cpu", cfg.train.seed, torch.bfloat16).get_base_model().dtype == torch.bfloat16
+    questions = by_category(load_questions(str(MMLU_VAL)), ["stem", "social_sciences", "humanities"], 4)
+    scorer = AdapterScorer(str(tiny_llama_dir), peft_config, quantization=4, device="cpu")
+    identity = scorer.score(start, questions, batch_size=4)
+    assert {p.dtype for p in scorer._model.parameters() if p.is_floating_point()} == {torch.float32}
+    base = evaluate_mmlu(str(tiny_llama_dir), None, data=str(MMLU_VAL), limit=4, batch_size=4, device="cpu",
+                         show_progress=False)
+    answers = {name: [(r["output"], r["letter_argmax"]) for r in c.records] for name, c in identity.categories.items()}
+    assert answers == {name: [(r["output"], r["letter_argmax"]) for r in c.records]
+                       for name, c in base.categories.items()}

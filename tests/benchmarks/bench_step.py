@@ -22,8 +22,8 @@ on each side against the first side's, with their relative difference, and the a
 difference. Sides: `plain` is the code before the step work (TRL's CPU path, bf16 adapters,
 glibc's default memory policy, padded float32); `today` is the defaults before issue 35
 (`train.padding-free=false train.cpu-compute=float32`); `optimized` is the project's defaults;
-`release` / `no-checkpointing` are the defaults with `train.release-memory = true` /
-`model.gradient-checkpointing = false`. Each side also prints the distance to the limit: the
+`release` / `checkpointing` are the defaults with `train.release-memory = true` /
+`model.gradient-checkpointing = true` (the default, "auto", is off on a CPU). Each side also prints the distance to the limit: the
 step's model FLOPs (docs/benchmarks.md), the achieved rate, and the machine's matmul rate at the
 model's shapes in float32 and bf16, measured in the same process.
 `--concurrent N` runs N optimized processes at once (as N simulated ClientApps share a machine),
@@ -45,14 +45,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SIDES = ("plain", "today", "optimized", "release", "no-checkpointing")
+SIDES = ("plain", "today", "optimized", "release", "checkpointing")
 #: Each side's run-config overrides on top of the defaults (`plain` also turns the step-cost policies off).
 SIDE_OVERRIDES: dict[str, dict[str, Any]] = {
-    "plain": {"train.release-memory": False, "train.padding-free": False, "train.cpu-compute": "float32"},
-    "today": {"train.padding-free": False, "train.cpu-compute": "float32", "train.release-memory": True},
+    "plain": {"train.release-memory": False, "train.padding-free": False, "train.cpu-compute": "float32",
+              "model.gradient-checkpointing": True},
+    "today": {"train.padding-free": False, "train.cpu-compute": "float32", "train.release-memory": True,
+              "model.gradient-checkpointing": True},
     "optimized": {},
     "release": {"train.release-memory": True},
-    "no-checkpointing": {"model.gradient-checkpointing": False},
+    "checkpointing": {"model.gradient-checkpointing": True},
 }
 #: Sides that run TRL's own LM-head tiles (the code before devices.cpu_lm_head_tiles).
 TRL_TILES = {"plain", "today"}
@@ -143,7 +145,7 @@ def _child(args: argparse.Namespace) -> None:
     out = {
         "side": args.side,
         "settings": f"batch {batch} x seq {seq}, 4-bit, DoRA r{cfg.model.lora.r} dropout {cfg.model.lora.dropout}, "
-        f"gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}, "
+        f"gradient checkpointing {'on' if cfg.model.checkpointing(default_device()) else 'off'}, "
         f"padding-free {str(cfg.train.padding_free).lower()}, release-memory {str(cfg.train.release_memory).lower()}, "
         f"{describe_compute(**round_compute_fields(cfg))}",
         "s_per_step": sum(r["wall"] for r in timed) / len(timed),
@@ -153,7 +155,8 @@ def _child(args: argparse.Namespace) -> None:
         "tokens_per_step": mean(tokens.per_step),
         "positions_per_step": mean(tokens.positions),
         "labels_per_step": mean(tokens.labels),
-        "flops_per_step": mean([step_flops(model, t, cfg.model.gradient_checkpointing) for t in tokens.lengths]),
+        "flops_per_step": mean([step_flops(model, t, cfg.model.checkpointing(default_device()))
+                                for t in tokens.lengths]),
         "peak_rss_mb": peak_rss_mb(),
         "losses": meter.losses,
         "threads": torch.get_num_threads(),
@@ -428,7 +431,7 @@ def main() -> None:
     parser.add_argument("--compare-today", action="store_true",
                         help="today's defaults (padded, float32) vs the new ones (issue 35)")
     parser.add_argument("--compare-memory", action="store_true",
-                        help="the defaults, without gradient checkpointing, without release-memory")
+                        help="the defaults, with gradient checkpointing, with release-memory")
     parser.add_argument("--growth", action="store_true", help="s/step of the defaults at seq 128/256/512 x batch 4/16")
     parser.add_argument("--side-list", help="comma list of sides to run (plain, today, optimized, release, ...)")
     parser.add_argument("--batch", type=int, help="per-device batch (default 16)")
@@ -470,7 +473,7 @@ def main() -> None:
     elif args.compare_today:
         sides = ["today", "optimized"]
     elif args.compare_memory:
-        sides = ["optimized", "no-checkpointing", "release"]
+        sides = ["optimized", "checkpointing", "release"]
     elif args.compare_all:
         sides = ["plain", "optimized", "release"]
     elif args.compare or args.compare_release:
