@@ -96,6 +96,9 @@ def first_sentence(text: str) -> str:
 
 #: How many candidate distractors `similar_rows` keeps per row (a question needs 3; the rest cover duplicates).
 SIMILAR_KEEP = 16
+#: Words in more rows than this are too common to tell rows apart (and their posting lists would make the cost
+#: grow with the square of a large partition's rows); a 20-node partition's 5% (130 of 2,600) stays below it.
+SIMILAR_MAX_DF = 200
 
 
 def _similar_fallback(n: int, seed: int, partition_id: int) -> np.ndarray:
@@ -107,7 +110,8 @@ def similar_rows(instructions: Sequence[str], seed: int, partition_id: int, keep
     """For each row, the `keep` other rows whose instructions share most with it (rarest words weigh most).
 
     Score = sum of log(n / df) over the words two instructions share (stop words and words of one
-    row left out; words in more than max(5%, 50) rows skipped, so the cost stays near-linear);
+    row left out; words in more than max(5%, 50) rows, or `SIMILAR_MAX_DF`, skipped: the cost stays
+    near-linear in the rows);
     ties and rows sharing nothing follow a seeded order (`_similar_fallback`), so the result is a
     function of (instructions, seed, partition) alone. Only `keep` per row are kept: memory grows
     with the rows, not their square (docs/internals.md has the figures for a 26,000-row partition).
@@ -115,7 +119,7 @@ def similar_rows(instructions: Sequence[str], seed: int, partition_id: int, keep
     n = len(instructions)
     words = [set(re.findall(r"[a-z0-9]+", text.lower())) - _STOP_WORDS for text in instructions]
     df = Counter(w for ws in words for w in ws)
-    max_df = max(50, n // 20)
+    max_df = max(50, min(n // 20, SIMILAR_MAX_DF))
     postings: dict[str, list[int]] = {}
     for i, ws in enumerate(words):
         for w in ws:

@@ -206,3 +206,17 @@ def shipped_tokenizer(out: Path) -> Path:
         shutil.copy(SHIPPED_TOKENIZER / name, out / name)
     (out / "tokenizer.json").write_bytes(gzip.decompress((SHIPPED_TOKENIZER / "tokenizer.json.gz").read_bytes()))
     return out
+
+
+def record_training_batches(monkeypatch: Any, sink: Any) -> None:
+    """Call `sink(rows)` with the token sequences (`batch_rows`) of every batch the trainer computes a training loss on."""
+    from flowertune_llm.train import ProximalSFTTrainer
+
+    original = ProximalSFTTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if model.training:
+            sink(batch_rows(inputs))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)

@@ -10,7 +10,7 @@ import pytest
 
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.schedule import Coverage, planned_coverage, row_order, rows_per_round
-from tests.helpers import ROOT, batch_rows, default_run_config, tiny_run_config
+from tests.helpers import ROOT, default_run_config, record_training_batches, tiny_run_config
 
 
 def test_row_order_is_a_function_of_seed_round_and_partition() -> None:
@@ -78,17 +78,8 @@ def test_another_sampling_strategy_with_dynamic_data_seed_is_refused_naming_both
 @pytest.fixture
 def consumed(monkeypatch: pytest.MonkeyPatch) -> list[set[tuple[int, ...]]]:
     """Each round's trained rows as token sequences, read from the batches the trainer computes its loss on."""
-    from flowertune_llm.train import ProximalSFTTrainer
-
     rounds: list[set[tuple[int, ...]]] = []
-    original = ProximalSFTTrainer.compute_loss
-
-    def recording(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if model.training:
-            rounds[-1].update(batch_rows(inputs))
-        return original(self, model, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
+    record_training_batches(monkeypatch, lambda rows: rounds[-1].update(rows))
     return rounds
 
 
@@ -155,17 +146,10 @@ def test_a_round_by_epochs_gives_each_epoch_its_own_order(tiny_llama_dir: Path, 
     """max-steps = -1 and 2 epochs with a new order each round: the trainer reads every row once per epoch, epoch 1
     in its own order (schedule.row_order of epoch 1), not epoch 0's again."""
     from flowertune_llm.models import initial_adapter
-    from flowertune_llm.train import ModelCache, ProximalSFTTrainer, TokenizedCache, train_one_round
+    from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
 
     seen: list[tuple[int, ...]] = []
-    original = ProximalSFTTrainer.compute_loss
-
-    def recording(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if model.training:
-            seen.extend(batch_rows(inputs))
-        return original(self, model, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
+    record_training_batches(monkeypatch, seen.extend)
     cfg = parse_config(tiny_run_config(tiny_llama_dir, **{
         "train.training-arguments.max-steps": -1, "train.training-arguments.num-train-epochs": 2,
         "train.training-arguments.per-device-train-batch-size": 5}))

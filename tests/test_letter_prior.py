@@ -15,7 +15,14 @@ from flowertune_llm.dataset import federated_dataset, load_partition
 from flowertune_llm.letter_balance import answer_positions, complete_groups, letter_balance
 from flowertune_llm.prompts import first_sentence, mcq_examples, rotations, similar_rows, to_prompt_completion
 from flowertune_llm.schedule import Coverage, rotation_order, row_order
-from tests.helpers import ALPACA_SUBSET, ROOT, batch_rows, partition_sha256_in_new_process, rows_sha256, tiny_run_config
+from tests.helpers import (
+    ALPACA_SUBSET,
+    ROOT,
+    partition_sha256_in_new_process,
+    record_training_batches,
+    rows_sha256,
+    tiny_run_config,
+)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -97,17 +104,10 @@ def test_a_clients_round_trains_each_letter_equally_often_with_whole_groups_per_
     """From the batches the trainer computes its loss on: equal A/B/C/D counts, no question split over batches,
     and the rows the server counts (a prefix of the round's row order) are the rows trained."""
     from flowertune_llm.models import initial_adapter
-    from flowertune_llm.train import ModelCache, ProximalSFTTrainer, TokenizedCache, train_one_round
+    from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
 
     batches: list[list[tuple[int, ...]]] = []
-    original = ProximalSFTTrainer.compute_loss
-
-    def recording(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if model.training:
-            batches.append(batch_rows(inputs))
-        return original(self, model, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
+    record_training_batches(monkeypatch, batches.append)
     from flowertune_llm.letter_balance import LetterBalance
 
     terms: list[float | None] = []
@@ -325,3 +325,18 @@ def test_an_over_long_row_stays_qa_with_rotations_and_similar_options(tiny_llama
 def test_mcq_settings_that_cannot_work_are_refused_naming_the_keys(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(tiny_run_config("unused", **{"train.prompt-template": "mcq", **overrides}))
+
+
+def test_similar_rows_keep_a_few_candidates_and_duplicates_fall_back_to_the_seeded_order() -> None:
+    """Memory grows with the rows, not their square: 16 candidates a row; a question whose closest rows all share
+    one output still gets three distinct distractors from the seeded order after them."""
+    from flowertune_llm.prompts import SIMILAR_KEEP, mcq_examples
+
+    instructions = [f"Describe topic {i % 50} with words alpha{i % 7} beta{i % 11}" for i in range(3000)]
+    ranked = similar_rows(instructions, 42, 0)
+    assert {len(r) for r in ranked} == {SIMILAR_KEEP} and all(i not in r for i, r in enumerate(ranked))
+    rows = [{"instruction": f"Explain the sea {i}", "input": "", "output": "Same answer."} for i in range(40)]
+    rows += [{"instruction": f"Name a color {i}", "input": "", "output": f"Color {i}."} for i in range(5)]
+    examples = mcq_examples(rows, 0, 0, 1.0, lambda p, c: True, lambda t, n: t, options="similar")
+    question = next(e for e in examples if e["mcq_row"] == 0)
+    assert question["mcq_rotation"] == -1 and len(set(options_of(question["prompt"]))) == 4
