@@ -160,3 +160,34 @@ def test_a_round_by_epochs_gives_each_epoch_its_own_order(tiny_llama_dir: Path, 
     first, second = seen[:n], seen[n:]
     assert set(first) == set(second) and len(set(first)) == n  # every row once per epoch
     assert first != second  # ... each epoch in its own order
+
+
+def test_rotations_by_epochs_give_each_epoch_its_own_order_in_whole_blocks() -> None:
+    """mcq rotations, max-steps = -1, 2 epochs: each epoch every row once in its own order (row_order of the epoch),
+    its examples in blocks of 4 that a batch (a multiple of 4) never splits, the epochs end to end."""
+    from datasets import Dataset
+
+    from flowertune_llm.train import round_examples
+
+    example_rows, rotations = [], []
+    for row in range(7):  # rows 0, 2, 4, 6 are questions (4 rotations), the others single qa rows
+        for rotation in (range(4) if row % 2 == 0 else [-1]):
+            example_rows.append(row)
+            rotations.append(rotation)
+    data = Dataset.from_dict({"mcq_row": example_rows, "mcq_rotation": rotations, "i": list(range(len(example_rows)))})
+    cfg = parse_config(default_run_config(**{
+        "train.prompt-template": "mcq", "train.mcq-rotations": True, "train.training-arguments.max-steps": -1,
+        "train.training-arguments.num-train-epochs": 2, "train.training-arguments.per-device-train-batch-size": 4}))
+    out, rows_trained, rows = round_examples(cfg, data, server_round=3, partition_id=5)
+    assert (rows_trained, rows) == (7, 7)
+    per_epoch = len(out) // 2
+    assert per_epoch % 4 == 0 and per_epoch >= len(example_rows)  # the last block completed by a repeated single
+    epochs = [out.select(range(k * per_epoch, (k + 1) * per_epoch)) for k in range(2)]
+    orders = []
+    for epoch in epochs:
+        assert set(epoch["mcq_row"]) == set(range(7))
+        for start in range(0, per_epoch, 4):  # a question's four rotations always share a block
+            block = epoch.select(range(start, start + 4))
+            assert block["mcq_rotation"] == [0, 1, 2, 3] or -1 in block["mcq_rotation"]
+        orders.append(list(dict.fromkeys(epoch["mcq_row"])))
+    assert orders[0] != orders[1]
