@@ -37,6 +37,7 @@ RESUME_MAY_CHANGE = {
     "train.cpu_compute",
     "model.gradient_checkpointing",  # recomputation only (RNG state kept: bit-identical steps, docs/benchmarks.md)
     "strategy.fraction_evaluate",
+    "strategy.round_timeout",  # how long a round waits: not what it trains
     "comm.tensorboard",
     "eval.every_round",
     "eval.questions",

@@ -181,6 +181,7 @@ class StrategySettings:
     fraction_train: float
     fraction_evaluate: float
     min_replies: int
+    round_timeout: float | None  # seconds a round waits for replies; None = "auto" (strategy.round_timeout)
 
 
 @dataclass(frozen=True)
@@ -471,7 +472,20 @@ def _strategy(cfg: Mapping[str, Any]) -> StrategySettings:
         fraction_train=_fraction(cfg, "strategy.fraction-train", allow_zero=False),
         fraction_evaluate=_fraction(cfg, "strategy.fraction-evaluate", allow_zero=True),
         min_replies=_as_int(cfg, "strategy.min-replies", minimum=1),
+        round_timeout=_round_timeout(cfg),
     )
+
+
+def _round_timeout(cfg: Mapping[str, Any]) -> float | None:
+    """`strategy.round-timeout`: "auto" (None) or seconds > 0."""
+    key = "strategy.round-timeout"
+    value = _require(cfg, key)
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    seconds = _as_float(cfg, key)
+    if seconds <= 0:
+        raise ConfigError(f"{key}={value!r}: expected \"auto\" or seconds > 0")
+    return seconds
 
 
 def _dp(cfg: Mapping[str, Any]) -> DPSettings:

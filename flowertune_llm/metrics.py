@@ -56,6 +56,14 @@ def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) 
     )
 
 
+def failures_text(rejected: list[dict[str, Any]]) -> str:
+    """`2 (node 12, partition 3: no reply in 600 s; node 7, partition 6: client error: ...)`: how many, which, why."""
+    if not rejected:
+        return "0"
+    reasons = "; ".join(f"node {r['node']}, partition {r.get('partition')}: {str(r['reason'])[:120]}" for r in rejected)
+    return f"{len(rejected)} ({reasons})"
+
+
 def round_compute(clients: list[dict[str, Any]]) -> str:
     """What the round's clients computed in and why (devices.describe_compute), each distinct answer once."""
     from flowertune_llm.devices import describe_compute
@@ -138,14 +146,14 @@ class RunLog:
         loss = "n/a" if round_log.train_loss is None else f"{round_log.train_loss:.4f}"
         log(
             INFO,
-            "[round %d/%d] train_loss=%s lr=%.3g clients=%d failed=%d | comm %.2f MiB "
+            "[round %d/%d] train_loss=%s lr=%.3g clients=%d failed=%s | comm %.2f MiB "
             "(total %.2f MiB, %.2f MiB with keys) | peak memory per client %s | rows %s | %s | %.1fs, ETA %s",
             round_log.server_round,
             self.cfg.num_server_rounds,
             loss,
             round_log.lr,
             round_log.replies,
-            round_log.failures,
+            failures_text(round_log.rejected),
             record["mb_round"],
             record["mb_total"],
             record["mb_total_with_keys"],

@@ -21,7 +21,7 @@ from flowertune_llm.devices import set_process_threads
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
 from flowertune_llm.preflight import federation_warning, preflight
 from flowertune_llm.schedule import Coverage
-from flowertune_llm.strategy import CommStats, build_strategy, with_dp
+from flowertune_llm.strategy import CommStats, TimedGrid, build_strategy, with_dp
 
 app = ServerApp()
 one_line_errors((ConfigError, GgufError))  # a bad input ends the run with its message, no traceback
@@ -60,6 +60,7 @@ def main(grid: Grid, context: Context) -> None:
         comm=comm,
         wire_dtype=cfg.comm.dtype,
         min_replies=cfg.strategy.min_replies,
+        round_timeout=cfg.strategy.round_timeout,
         coverage=coverage,
         **dict(cfg.strategy.params),
     )
@@ -95,7 +96,7 @@ def main(grid: Grid, context: Context) -> None:
     run_log.set_status("running")
     try:
         runner.start(
-            grid=grid,
+            grid=TimedGrid(grid, strategy.round_timeout),  # type: ignore[arg-type]
             initial_arrays=state_to_arrays(state),
             num_rounds=cfg.num_server_rounds - done,
             train_config=ConfigRecord(),

@@ -63,6 +63,30 @@ class CommStats:
         return (self.sent_with_keys + self.received_with_keys) / MB
 
 
+#: `strategy.round-timeout = "auto"`: the first round waits Flower's default hour (model loads, nothing measured);
+#: later ones this many times the slowest round so far, never less than the floor.
+ROUND_TIMEOUT_FIRST, ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FLOOR = 3600.0, 4.0, 600.0
+
+
+class TimedGrid:
+    """A Grid whose train and evaluate rounds wait the strategy's current round timeout (Flower's `start` passes one
+    value for the whole run); other messages (the partition query) keep theirs; everything else is the Grid's."""
+
+    def __init__(self, grid: Grid, timeout: Callable[[], float]) -> None:
+        self._grid = grid
+        self._timeout = timeout
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float = 3600.0) -> Iterable[Message]:
+        """The wrapped Grid's, with the round's timeout for train and evaluate messages."""
+        messages = list(messages)
+        if any(m.metadata.message_type in (MessageType.TRAIN, MessageType.EVALUATE) for m in messages):
+            timeout = self._timeout()
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 #: What a client reports about its device in a train reply (devices.RoundMemory, train.train_one_round).
 CLIENT_DEVICE_KEYS = ("peak_mem_mb", "peak_reserved_mb", "gpu", "visible_gpus", "compute_bf16", "compute_source",
                       "bf16_matmul_speedup", "padding_free")
@@ -86,6 +110,7 @@ class RoundLog:
     comm_round: CommStats = field(default_factory=CommStats)
     comm_total: CommStats = field(default_factory=CommStats)
     validation: dict[str, Any] = field(default_factory=dict)  # the in-training MMLU figures, if evaluated
+    timeout_s: float | None = None  # how long the round waited at most for its replies (strategy.round-timeout)
     started: float = field(default_factory=time.monotonic, repr=False)
     wall_time_s: float = 0.0
 
@@ -144,6 +169,7 @@ class FlowerTuneMixin:
         min_replies: int = 1,
         comm_budget_mb: float = rules.COMM_BUDGET_MB,
         coverage: Coverage | None = None,
+        round_timeout: float | None = None,
         **strategy_kwargs: Any,
     ) -> None:
         super().__init__(  # type: ignore[call-arg]
@@ -159,8 +185,22 @@ class FlowerTuneMixin:
         self.comm_budget_mb = comm_budget_mb
         self.coverage = coverage or Coverage(seed, dynamic=False)
         self.rounds: dict[int, RoundLog] = {}
+        self.round_timeout_setting = round_timeout
+        self._sampled: list[int] = []
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._budget_warned = self.comm.total_with_keys_mb > comm_budget_mb
+
+    def round_timeout(self) -> float:
+        """Seconds the next round waits for its replies: `strategy.round-timeout`, or "auto": Flower's hour for a
+        process's first round (model loads, nothing measured yet), then `ROUND_TIMEOUT_FACTOR` x the slowest round
+        so far, never under `ROUND_TIMEOUT_FLOOR`. A client that hangs costs at most that, its round goes on with
+        the replies it has."""
+        if self.round_timeout_setting is not None:
+            return self.round_timeout_setting
+        times = [r.wall_time_s for r in self.rounds.values() if r.wall_time_s > 0]
+        if not times:
+            return ROUND_TIMEOUT_FIRST
+        return max(ROUND_TIMEOUT_FLOOR, ROUND_TIMEOUT_FACTOR * max(times))
 
     @property
     def peak_mem_mb(self) -> float | None:
@@ -190,7 +230,8 @@ class FlowerTuneMixin:
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in wire.items()}
         record = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
         messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))  # type: ignore[attr-defined]
-        round_log = RoundLog(rnd, float(config["lr"]), partitions)
+        round_log = RoundLog(rnd, float(config["lr"]), partitions, timeout_s=self.round_timeout())
+        self._sampled = list(node_ids)
         round_log.comm_round.add_sent(wire, copies=len(messages))
         self.comm.add_sent(wire, copies=len(messages))
         self.rounds[rnd] = round_log
@@ -199,8 +240,9 @@ class FlowerTuneMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop bad replies (logged with node and reason), decode the rest, aggregate, record."""
+        """Drop bad replies (logged with node and reason), name the sampled nodes that sent none, aggregate, record."""
         round_log = self.rounds[server_round + self.round_offset]
+        replies = list(replies)
         good = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -238,6 +280,12 @@ class FlowerTuneMixin:
                 )
             round_log.client_losses.append(client)
             good.append(msg)
+        replied = {msg.metadata.src_node_id for msg in replies}
+        for node in (n for n in self._sampled if n not in replied):  # sampled, no reply before the timeout
+            reason = f"no reply in {round_log.timeout_s:.0f} s"
+            round_log.rejected.append({"node": node, "partition": self.partitions.get(node), "reason": reason})
+            log(WARNING, "round %d: node %d (partition %s): %s (strategy.round-timeout); the round goes on without it",
+                round_log.server_round, node, self.partitions.get(node), reason)
         peaks = [c["peak_mem_mb"] for c in round_log.client_losses if "peak_mem_mb" in c]
         round_log.peak_mem_mb = max(peaks) if peaks else None
         new = [c["rows_new"] for c in round_log.client_losses if "rows_new" in c]

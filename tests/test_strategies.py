@@ -268,3 +268,69 @@ def test_communication_over_100_rounds_matches_the_reference(
     total = CommStats(**{k: v + 97 * getattr(first, k) for k, v in vars(strategy.comm).items()})
     assert round(total.total_payload_mb, 2) == payload_mb
     assert round(total.total_with_keys_mb, 2) == with_keys_mb
+
+
+def test_a_sampled_node_without_a_reply_is_named_and_the_round_aggregates_the_others(tiny) -> None:
+    """A client that hangs: the grid returns at the round timeout without its reply; the round aggregates the two
+    replies it has, records the missing node with its partition and the timeout, and the log line names it."""
+    from flowertune_llm.metrics import failures_text
+
+    _, start, _, _ = tiny
+    strategy = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.15, fraction_evaluate=0.0,
+                              partitions=PARTITIONS, round_timeout=42.0)
+    messages = list(strategy.configure_train(1, state_to_arrays(start), ConfigRecord(), FakeGrid()))
+    goods = [{k: v + 0.1 * (i + 1) for k, v in start.items()} for i in range(3)]
+    replies = [reply(m, state_to_arrays(g), 1.0, 10) for m, g in zip(messages[1:], goods[1:])]  # the first hangs
+    agg, _ = strategy.aggregate_train(1, replies)
+    expected = weighted_mean(goods[1:], [10, 10])
+    for k in expected:
+        np.testing.assert_allclose(arrays_to_state(agg)[k].numpy(), expected[k], rtol=1e-6)
+    round_log = strategy.rounds[1]
+    node = messages[0].metadata.dst_node_id
+    assert (round_log.replies, round_log.failures, round_log.timeout_s) == (2, 1, 42.0)
+    assert round_log.rejected == [{"node": node, "partition": PARTITIONS[node], "reason": "no reply in 42 s"}]
+    assert failures_text(round_log.rejected) == f"1 (node {node}, partition {PARTITIONS[node]}: no reply in 42 s)"
+
+
+def test_the_auto_round_timeout_is_an_hour_first_then_follows_the_slowest_round_with_a_floor() -> None:
+    from flowertune_llm.strategy import ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FIRST, ROUND_TIMEOUT_FLOOR, RoundLog
+
+    strategy = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.1, fraction_evaluate=0.0)
+    assert strategy.round_timeout() == ROUND_TIMEOUT_FIRST
+    strategy.rounds[1] = RoundLog(1, 1e-3, wall_time_s=30.0)  # a GPU round: a minute or less
+    assert strategy.round_timeout() == ROUND_TIMEOUT_FLOOR
+    strategy.rounds[2] = RoundLog(2, 1e-3, wall_time_s=400.0)  # a slow CPU round
+    assert strategy.round_timeout() == ROUND_TIMEOUT_FACTOR * 400.0
+    fixed = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.1, fraction_evaluate=0.0,
+                           round_timeout=90.0)
+    fixed.rounds[1] = RoundLog(1, 1e-3, wall_time_s=400.0)
+    assert fixed.round_timeout() == 90.0
+
+
+def test_the_timed_grid_waits_the_round_timeout_for_rounds_and_the_given_one_for_queries() -> None:
+    from flwr.app import Message, RecordDict
+
+    from flowertune_llm.strategy import TimedGrid
+
+    seen: list[float] = []
+
+    class Recording(FakeGrid):
+        def send_and_receive(self, messages, timeout: float = 0.0) -> list:  # noqa: ANN001
+            seen.append(timeout)
+            return []
+
+    grid = TimedGrid(Recording(), lambda: 600.0)
+    train = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=1)
+    query = Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=1)
+    grid.send_and_receive([train], timeout=3600)
+    grid.send_and_receive([query], timeout=120)
+    assert seen == [600.0, 120] and grid.get_node_ids() == list(range(1, 21))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", None), (600, 600.0), ("900", 900.0)])
+def test_round_timeout_key(value: object, expected: float | None) -> None:
+    from tests.helpers import default_run_config
+
+    assert parse_config(default_run_config(**{"strategy.round-timeout": value})).strategy.round_timeout == expected
+    with pytest.raises(Exception, match="strategy.round-timeout=0"):
+        parse_config(default_run_config(**{"strategy.round-timeout": 0}))
