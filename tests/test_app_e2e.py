@@ -114,8 +114,9 @@ def test_offline_demo_on_real_smollm2_gguf_changes_the_model_output(
 
 
 def comparable(metrics: dict) -> dict:
-    """A metrics line without what differs between runs by nature (timing, node ids, memory use)."""
-    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "val_eval_s", "peak_mem_mb")}
+    """A metrics line without what differs between runs by nature (timing and the round timeout derived from it, node
+    ids, memory use)."""
+    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "val_eval_s", "peak_mem_mb", "timeout_s")}
     out["client_losses"] = sorted(
         ({k: v for k, v in c.items() if k not in ("node", "peak_mem_mb", "peak_reserved_mb")}
          for c in metrics.get("client_losses", [])),
