@@ -108,6 +108,12 @@ class TrainSettings:
         return float(dict(self.training_arguments).get("num_train_epochs", 3.0))
 
     @property
+    def epoch_passes(self) -> int:
+        """Epoch orders a round by epochs lays end to end (`schedule.epoch_orders`): `num_epochs` rounded up; the
+        trainer then runs `num_epochs / epoch_passes` epochs over them, reading each once."""
+        return max(1, math.ceil(self.num_epochs))
+
+    @property
     def examples_per_round(self) -> int | None:
         """max-steps x batch x accumulation: the examples one local round trains on (None: it trains by epochs)."""
         args = dict(self.training_arguments)
@@ -276,16 +282,19 @@ def _as_bool(cfg: Mapping[str, Any], key: str) -> bool:
     return value
 
 
+def _is_auto(value: Any) -> bool:
+    """Whether a key's value is "auto" (the app decides)."""
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def _as_bool_or_auto(cfg: Mapping[str, Any], key: str) -> bool | None:
     """true / false, or "auto" (None: the app decides per device)."""
-    value = _require(cfg, key)
-    if isinstance(value, str) and value.lower() == "auto":
+    if _is_auto(_require(cfg, key)):
         return None
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: expected \"auto\", true or false")
-    return value
+    try:
+        return _as_bool(cfg, key)
+    except ConfigError:
+        raise ConfigError(f"{key}={cfg[key]!r}: expected \"auto\", true or false") from None
 
 
 def _as_str(cfg: Mapping[str, Any], key: str, allow_empty: bool = False) -> str:
@@ -480,7 +489,7 @@ def _round_timeout(cfg: Mapping[str, Any]) -> float | None:
     """`strategy.round-timeout`: "auto" (None) or seconds > 0."""
     key = "strategy.round-timeout"
     value = _require(cfg, key)
-    if isinstance(value, str) and value.strip().lower() == "auto":
+    if _is_auto(value):
         return None
     seconds = _as_float(cfg, key)
     if seconds <= 0:

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from flowertune_llm.config import CPU_COMPUTE
 from flowertune_llm.rules import MIB
 
 
@@ -117,8 +116,8 @@ def training_compute(
 ) -> TrainingCompute:
     """The dtype a training round computes in on `device`: a GPU as `compute_dtype`; a CPU by `train.cpu-compute`.
 
-    `auto` trains in bf16 where `bf16_matmul_speedup` (or the `speedup` given, for tests) is at least
-    `BF16_MIN_SPEEDUP`; `float32` / `bfloat16` force it.
+    `auto` (config.CPU_COMPUTE, validated there) trains in bf16 where `bf16_matmul_speedup` (or the
+    `speedup` given, for tests) is at least `BF16_MIN_SPEEDUP`; `float32` / `bfloat16` force it.
     """
     if not device.startswith("cpu"):
         return TrainingCompute(compute_dtype(device), SOURCE_GPU)
@@ -126,8 +125,6 @@ def training_compute(
         return TrainingCompute(torch.float32, SOURCE_FORCED)
     if cpu_compute == "bfloat16":
         return TrainingCompute(torch.bfloat16, SOURCE_FORCED)
-    if cpu_compute != "auto":
-        raise ValueError(f"train.cpu-compute={cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
     ratio = (speedup or bf16_matmul_speedup)(hidden, intermediate, torch.get_num_threads())
     return TrainingCompute(torch.bfloat16 if ratio >= BF16_MIN_SPEEDUP else torch.float32, SOURCE_MEASURED, ratio)
 

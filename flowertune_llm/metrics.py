@@ -18,6 +18,7 @@ from flowertune_llm.rundir import (
     STATUS_FILE,
     read_json,
     read_metrics,
+    recorded_segments,
     status_record,
     write_json,
     write_text,
@@ -82,10 +83,8 @@ def previous_segments(run_dir: Path, last_round: int) -> list[dict[str, Any]]:
     old = read_json(Path(run_dir) / CONFIG_FILE, problems) if last_round > 0 else None
     if not old:
         return []
-    info = old.get("run") or {}
     status = read_json(Path(run_dir) / STATUS_FILE, problems) or {}
-    segments = old.get("segments") or [{"first_round": 1, "num_nodes": info.get("num_nodes"),
-                                        "flower_run_id": info.get("flower_run_id"), "started": status.get("started")}]
+    segments = recorded_segments(old, status)
     kept = [dict(s) for s in segments if int(s.get("first_round", 1)) <= last_round]  # a replaced continuation goes
     if kept and "ended" not in kept[-1] and status.get("updated") is not None:
         kept[-1]["ended"] = status["updated"]

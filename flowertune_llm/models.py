@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
+@functools.lru_cache(maxsize=8)  # asked every round (train.round_compute): read the config once per process
 def model_shape(name: str) -> tuple[int, int]:
     """(hidden size, MLP size) of a model, from its config alone: the shapes `devices.training_compute` times."""
     config = AutoConfig.from_pretrained(resolve_model_path(name)).get_text_config()

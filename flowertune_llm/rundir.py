@@ -59,9 +59,10 @@ def umask() -> int:
     return mask
 
 
-def _ordinary_mode(path: Path) -> None:
-    """Give a temp file or folder the mode an ordinary open()/mkdir() would have (mkstemp/mkdtemp make it 0600/0700)."""
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+def _ordinary_mode(path: Path, mask: int) -> None:
+    """Give a temp file or folder the mode an ordinary open()/mkdir() would have under umask `mask` (mkstemp/mkdtemp
+    make it 0600/0700)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _fsync(path: Path) -> None:
@@ -85,7 +86,7 @@ def writing(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        _ordinary_mode(tmp)
+        _ordinary_mode(tmp, umask())
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
@@ -140,9 +141,10 @@ def write_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        _ordinary_mode(tmp)
+        mask = umask()
+        _ordinary_mode(tmp, mask)
         for inner in sorted(tmp.rglob("*"), reverse=True):  # every file, then its folders, on disk before the rename
-            _ordinary_mode(inner)  # copies (shutil.copy2) of owner-only files too
+            _ordinary_mode(inner, mask)  # copies (shutil.copy2) of owner-only files too
             _fsync(inner)
         _fsync(tmp)
         if not dest.exists():
@@ -233,6 +235,14 @@ def set_aside_checkpoints_after(run_dir: Path, server_round: int) -> Path | None
     for folder in later:
         folder.rename(target / folder.name)
     return target
+
+
+def recorded_segments(config: dict[str, Any], status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The segments a run's config.json records (each process that trained it); a run from before segments were
+    recorded is one segment, from its `run` record and status.json's start."""
+    info = config.get("run") or {}
+    return config.get("segments") or [{"first_round": 1, "num_nodes": info.get("num_nodes"),
+                                       "flower_run_id": info.get("flower_run_id"), "started": status.get("started")}]
 
 
 def status_record(status: str, started: float, **details: Any) -> dict[str, Any]:

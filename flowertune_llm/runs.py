@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from flowertune_llm import rules
-from flowertune_llm.rundir import CONFIG_FILE, STATUS_FILE, checkpoint_folders, live_status, read_json, read_metrics
+from flowertune_llm.rundir import (
+    CONFIG_FILE,
+    STATUS_FILE,
+    checkpoint_folders,
+    live_status,
+    read_json,
+    read_metrics,
+    recorded_segments,
+)
 
 def format_duration(seconds: float) -> str:
     """'1h02m', '3m05s', '42s'."""
@@ -62,10 +70,7 @@ class RunRecord:
         """The processes that trained the run, in order (the first, then each resume): `first_round`, `last_round`,
         `num_nodes`, `flower_run_id`, `started` (and `ended` once a later one took over). A run from before segments
         were recorded is one segment, read from its `run` record."""
-        info = self.config.get("run") or {}
-        recorded = self.config.get("segments") or [{"first_round": 1, "num_nodes": info.get("num_nodes"),
-                                                    "flower_run_id": info.get("flower_run_id"),
-                                                    "started": self.status_file.get("started")}]
+        recorded = recorded_segments(self.config, self.status_file)
         out = []
         for i, segment in enumerate(recorded):
             nxt = recorded[i + 1]["first_round"] if i + 1 < len(recorded) else (self.num_rounds or 0) + 1

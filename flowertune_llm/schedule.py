@@ -45,15 +45,10 @@ def row_order(
     return np.random.default_rng(key).permutation(num_rows)
 
 
-def epoch_orders(
-    seed: int, server_round: int, partition_id: int, num_rows: int, epochs: float
-) -> tuple[np.ndarray, float]:
-    """A round that trains `epochs` epochs over a partition in the round's own order: each epoch its own order
-    (`row_order` of epoch 0, 1, ...), laid end to end, and the epochs the trainer then runs over that (so
-    that it reads every order once: `epochs` / the orders laid out)."""
-    count = max(1, math.ceil(epochs))
-    orders = [row_order(seed, server_round, partition_id, num_rows, True, epoch=e) for e in range(count)]
-    return np.concatenate(orders), epochs / count
+def epoch_orders(seed: int, server_round: int, partition_id: int, num_rows: int, passes: int) -> list[np.ndarray]:
+    """A round that trains by epochs in the round's own order: each of its `passes` epochs its own order
+    (`row_order` of epoch 0, 1, ...)."""
+    return [row_order(seed, server_round, partition_id, num_rows, True, epoch=e) for e in range(passes)]
 
 
 def rows_per_round(

@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 
@@ -105,7 +106,7 @@ def sft_config(cfg: Config, lr: float, output_dir: str, device: str, bf16: bool 
         args["train_sampling_strategy"] = "sequential"
     if cfg.train.dynamic_data_seed and cfg.train.examples_per_round is None:
         # by epochs: round_examples lays out each epoch's own order (schedule.epoch_orders); read it once
-        args["num_train_epochs"] = cfg.train.num_epochs / max(1, math.ceil(cfg.train.num_epochs))
+        args["num_train_epochs"] = cfg.train.num_epochs / cfg.train.epoch_passes
     args.setdefault("report_to", "none")
     return OneDeviceSFTConfig(**args)
 
@@ -362,17 +363,17 @@ def round_examples(cfg: Config, dataset: Dataset, server_round: int, partition_i
         dense = {r: i for i, r in enumerate(rows)}
         example_rows = [dense[r] for r in dataset["mcq_row"]]
         if cfg.train.dynamic_data_seed and cfg.train.examples_per_round is None:  # by epochs: each its own order
-            count = max(1, math.ceil(cfg.train.num_epochs))
             whole = math.ceil(len(example_rows) / BLOCK) * BLOCK  # every row, the last block completed: epochs align
-            indices = [i for e in range(count) for i in rotation_order(
-                row_order(cfg.train.seed, server_round, partition_id, len(rows), True, epoch=e), example_rows, whole)[0]]
+            orders = epoch_orders(cfg.train.seed, server_round, partition_id, len(rows), cfg.train.epoch_passes)
+            indices = [i for order in orders for i in rotation_order(order, example_rows, whole)[0]]
             return dataset.select(indices), len(rows), len(rows)
         order = row_order(cfg.train.seed, server_round, partition_id, len(rows), dynamic=cfg.train.dynamic_data_seed)
         indices, taken = rotation_order(order, example_rows, cfg.train.examples_per_round)
         return dataset.select(indices), taken, len(rows)
     if cfg.train.dynamic_data_seed:
         if cfg.train.examples_per_round is None:  # by epochs: each epoch its own order (sft_config runs them once)
-            order, _ = epoch_orders(cfg.train.seed, server_round, partition_id, num_examples, cfg.train.num_epochs)
+            order = np.concatenate(epoch_orders(cfg.train.seed, server_round, partition_id, num_examples,
+                                                cfg.train.epoch_passes))
         else:
             order = row_order(cfg.train.seed, server_round, partition_id, num_examples, dynamic=True)
         dataset = dataset.select(order)
