@@ -24,7 +24,7 @@ from flowertune_llm.rundir import (
     write_text,
 )
 from flowertune_llm.runs import format_duration
-from flowertune_llm.strategy import RoundLog
+from flowertune_llm.strategy import RoundLog, failures_text
 
 
 def check_tensorboard(cfg: Config) -> None:
@@ -55,14 +55,6 @@ def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) 
         "/".join(f"{100 * v:.0f}" for v in (metrics.get("val_letter_probability") or {}).values()) or "-",
         metrics["val_eval_s"],
     )
-
-
-def failures_text(rejected: list[dict[str, Any]]) -> str:
-    """`2 (node 12, partition 3: no reply in 600 s; node 7, partition 6: client error: ...)`: how many, which, why."""
-    if not rejected:
-        return "0"
-    reasons = "; ".join(f"node {r['node']}, partition {r.get('partition')}: {str(r['reason'])[:120]}" for r in rejected)
-    return f"{len(rejected)} ({reasons})"
 
 
 def round_compute(clients: list[dict[str, Any]]) -> str:

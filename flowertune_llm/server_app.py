@@ -21,10 +21,10 @@ from flowertune_llm.devices import set_process_threads
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
 from flowertune_llm.preflight import federation_warning, preflight
 from flowertune_llm.schedule import Coverage
-from flowertune_llm.strategy import CommStats, TimedGrid, build_strategy, with_dp
+from flowertune_llm.strategy import CommStats, FederationError, TimedGrid, build_strategy, with_dp
 
 app = ServerApp()
-one_line_errors((ConfigError, GgufError))  # a bad input ends the run with its message, no traceback
+one_line_errors((ConfigError, GgufError, FederationError))  # a bad input ends the run with its message, no traceback
 
 
 @app.main()

@@ -68,20 +68,81 @@ class CommStats:
 ROUND_TIMEOUT_FIRST, ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FLOOR = 3600.0, 4.0, 600.0
 
 
+class FederationError(RuntimeError):
+    """The federation cannot go on (too few SuperNodes or replies for `strategy.min-replies`): one line, no traceback."""
+
+
+def failures_text(rejected: list[dict[str, Any]]) -> str:
+    """`2 (node 12, partition 3: no reply in 600 s; node 7, partition 6: client error: ...)`: how many, which, why."""
+    if not rejected:
+        return "0"
+    reasons = "; ".join(f"node {r['node']}, partition {r.get('partition')}: {str(r['reason'])[:120]}" for r in rejected)
+    return f"{len(rejected)} ({reasons})"
+
+
 class TimedGrid:
     """A Grid whose train and evaluate rounds wait the strategy's current round timeout (Flower's `start` passes one
-    value for the whole run); other messages (the partition query) keep theirs; everything else is the Grid's."""
+    value for the whole run) and which remembers where each round message went and which were never answered.
 
-    def __init__(self, grid: Grid, timeout: Callable[[], float]) -> None:
+    Flower's SuperNode takes one message at a time: a node whose ClientApp hangs stays online (its heartbeat goes
+    on) but pulls nothing else until that ClientApp replies. `busy_nodes` names such nodes so a round does not
+    wait for them again; other messages (the partition query) keep their timeout; everything else is the Grid's.
+    """
+
+    def __init__(self, grid: Grid, timeout: Callable[[], float], poll_s: float = 3.0) -> None:
         self._grid = grid
         self._timeout = timeout
+        self.poll_s = poll_s
+        self._sent: dict[str, int] = {}  # message id -> destination node (round messages)
+        self._unanswered: dict[int, tuple[str, float]] = {}  # node -> (message id, when sent)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float = 3600.0) -> Iterable[Message]:
-        """The wrapped Grid's, with the round's timeout for train and evaluate messages."""
+        """Push, then pull replies until all came or the timeout passed (the round's, for train and evaluate)."""
         messages = list(messages)
-        if any(m.metadata.message_type in (MessageType.TRAIN, MessageType.EVALUATE) for m in messages):
-            timeout = self._timeout()
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        if not any(m.metadata.message_type in (MessageType.TRAIN, MessageType.EVALUATE) for m in messages):
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        end, sent_at = time.monotonic() + self._timeout(), time.monotonic()
+        ids = list(self._grid.push_messages(messages))
+        waiting = {mid for mid in ids if mid}
+        self._sent.update({mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid})
+        replies: list[Message] = []
+        while waiting:
+            got = list(self._grid.pull_messages(waiting))
+            replies += got
+            waiting -= {r.metadata.reply_to_message_id for r in got}
+            if not waiting or time.monotonic() >= end:
+                break
+            time.sleep(max(0.0, min(self.poll_s, end - time.monotonic())))
+        self._unanswered.update({self._sent[mid]: (mid, sent_at) for mid in waiting})
+        return replies
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about: for an error the SuperLink writes for an unreachable node, the sender is the
+        SuperLink itself, so look up where the message it answers went."""
+        return self._sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def busy_nodes(self) -> dict[int, float]:
+        """Nodes still working on a round message that timed out -> seconds since it was sent (late replies are
+        pulled first: a node that answered since is free again; its late reply is dropped)."""
+        if self._unanswered:
+            late = self._grid.pull_messages({mid for mid, _ in self._unanswered.values()})
+            answered = {r.metadata.reply_to_message_id for r in late}
+            self._unanswered = {n: v for n, v in self._unanswered.items() if v[0] not in answered}
+        now = time.monotonic()
+        return {node: now - sent for node, (_, sent) in self._unanswered.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class _NodesView:
+    """A Grid that shows the strategy's Flower base only the nodes a round may sample."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -111,6 +172,7 @@ class RoundLog:
     comm_total: CommStats = field(default_factory=CommStats)
     validation: dict[str, Any] = field(default_factory=dict)  # the in-training MMLU figures, if evaluated
     timeout_s: float | None = None  # how long the round waited at most for its replies (strategy.round-timeout)
+    skipped: list[dict] = field(default_factory=list)  # online nodes not sampled: still busy with an older message
     started: float = field(default_factory=time.monotonic, repr=False)
     wall_time_s: float = 0.0
 
@@ -187,6 +249,8 @@ class FlowerTuneMixin:
         self.rounds: dict[int, RoundLog] = {}
         self.round_timeout_setting = round_timeout
         self._sampled: list[int] = []
+        self._grid: Grid | None = None  # the grid of the current round (a TimedGrid in the app)
+        self._skipped: list[dict] = []
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._budget_warned = self.comm.total_with_keys_mb > comm_budget_mb
 
@@ -208,29 +272,67 @@ class FlowerTuneMixin:
         peaks = [r.peak_mem_mb for r in self.rounds.values() if r.peak_mem_mb is not None]
         return max(peaks) if peaks else None
 
+    def available_nodes(self, rnd: int, grid: Grid) -> list[int]:
+        """The online nodes that can take round `rnd` (not still busy with a message that timed out): waits up to the
+        round timeout for `strategy.min-replies` of them, then stops the run with one line naming the rule."""
+        busy_nodes = getattr(grid, "busy_nodes", dict)
+        deadline, waited = time.monotonic() + self.round_timeout(), False
+        while True:
+            online, busy = list(grid.get_node_ids()), busy_nodes()
+            free = [n for n in online if n not in busy]
+            if len(free) >= self.min_replies:
+                break
+            if time.monotonic() >= deadline:
+                raise FederationError(
+                    f"round {rnd}: {len(free)} SuperNode(s) can take the round ({len(online)} online, "
+                    f"{len([n for n in online if n in busy])} still busy with an unanswered message), fewer than "
+                    f"strategy.min-replies={self.min_replies} after waiting {self.round_timeout():.0f} s "
+                    "(strategy.round-timeout)"
+                )
+            if not waited:
+                log(WARNING, "round %d: %d SuperNode(s) can take the round, strategy.min-replies=%d: waiting up to "
+                    "%.0f s for more", rnd, len(free), self.min_replies, self.round_timeout())
+                waited = True
+            time.sleep(getattr(grid, "poll_s", 3.0))
+        self._skipped = [{"node": n, "partition": self.partitions.get(n),
+                          "reason": f"no reply yet to a message sent {busy[n]:.0f} s ago"} for n in online if n in busy]
+        for node in (n for n in online if n in busy):
+            log(WARNING, "round %d: node %d (partition %s) has not answered a message sent %.0f s ago (its ClientApp "
+                "hangs: a SuperNode takes one message at a time): not sampled", rnd, node, self.partitions.get(node),
+                busy[node])
+        return free
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The strategy's own train config, then seeded sampling, LR and wire dtype on top."""
         rnd = server_round + self.round_offset
         config["lr"] = self.lr_schedule(rnd)
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._grid = grid
+        free = self.available_nodes(rnd, grid)
+        wanted = (self.min_train_nodes, self.min_available_nodes)  # type: ignore[has-type]
+        # Flower's base waits, without a limit, for min_train_nodes: never more than can take the round
+        self.min_train_nodes, self.min_available_nodes = (min(w, len(free)) for w in wanted)
+        try:
+            messages = list(super().configure_train(server_round, arrays, config, _NodesView(grid, free)))  # type: ignore[misc]
+        finally:
+            self.min_train_nodes, self.min_available_nodes = wanted
         if not messages:
             return []
         config = messages[0].content[self.configrecord_key]
         config["server-round"] = rnd
-        all_nodes = list(grid.get_node_ids())
-        unknown = [n for n in all_nodes if n not in self.partitions]
+        unknown = [n for n in free if n not in self.partitions]
         if unknown:  # first round, or nodes that joined since: ask for their partition ids
             self.partitions.update(discover_partitions(grid, unknown))
-        node_ids = sample_round(all_nodes, self.partitions, len(messages), self.seed, rnd)
+        node_ids = sample_round(free, self.partitions, len(messages), self.seed, rnd)
         partitions = [self.partitions.get(n) for n in node_ids]
-        log(INFO, "round %d: sampled partitions %s (%d of %d nodes)", rnd, partitions, len(node_ids), len(all_nodes))
+        log(INFO, "round %d: sampled partitions %s (%d of %d nodes)", rnd, partitions, len(node_ids), len(free))
         wire = state_to_arrays(arrays_to_state(arrays), self.wire_dtype)
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in wire.items()}
         record = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
         messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))  # type: ignore[attr-defined]
-        round_log = RoundLog(rnd, float(config["lr"]), partitions, timeout_s=self.round_timeout())
+        round_log = RoundLog(rnd, float(config["lr"]), partitions, timeout_s=self.round_timeout(),
+                             skipped=self._skipped)
         self._sampled = list(node_ids)
         round_log.comm_round.add_sent(wire, copies=len(messages))
         self.comm.add_sent(wire, copies=len(messages))
@@ -244,8 +346,9 @@ class FlowerTuneMixin:
         round_log = self.rounds[server_round + self.round_offset]
         replies = list(replies)
         good = []
+        node_of = getattr(self._grid, "node_of", lambda m: m.metadata.src_node_id)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = node_of(msg)
             if msg.has_error():
                 reason = f"client error: {msg.error.reason}"
             elif self.arrayrecord_key not in msg.content.array_records:
@@ -280,7 +383,7 @@ class FlowerTuneMixin:
                 )
             round_log.client_losses.append(client)
             good.append(msg)
-        replied = {msg.metadata.src_node_id for msg in replies}
+        replied = {node_of(msg) for msg in replies}
         for node in (n for n in self._sampled if n not in replied):  # sampled, no reply before the timeout
             reason = f"no reply in {round_log.timeout_s:.0f} s"
             round_log.rejected.append({"node": node, "partition": self.partitions.get(node), "reason": reason})
@@ -295,9 +398,9 @@ class FlowerTuneMixin:
         round_log.failures = len(round_log.rejected)
         round_log.comm_total = CommStats(**asdict(self.comm))
         if len(good) < self.min_replies:
-            raise RuntimeError(
+            raise FederationError(
                 f"round {round_log.server_round}: {len(good)} usable replies, fewer than "
-                f"strategy.min-replies={self.min_replies}; dropped: {round_log.rejected}"
+                f"strategy.min-replies={self.min_replies}; failed={failures_text(round_log.rejected)}"
             )
         arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         if metrics is not None and "train_loss" in metrics:

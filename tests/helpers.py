@@ -98,6 +98,43 @@ class FakeGrid:
         return out
 
 
+class RoundGrid(FakeGrid):
+    """FakeGrid with Flower's push/pull: `answer(msg)` makes a node's reply; a node in `silent` holds its message
+    (a hanging ClientApp) until it leaves `silent`; a node in `gone` gets the SuperLink's own error reply."""
+
+    def __init__(self, answer: Any, num_nodes: int = 20) -> None:
+        super().__init__(num_nodes)
+        self.answer = answer
+        self.silent: set[int] = set()
+        self.gone: set[int] = set()
+        self.pending: dict[str, Message] = {}
+
+    def push_messages(self, messages) -> list[str]:  # noqa: ANN001
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grid does
+            self.pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:  # noqa: ANN001
+        from flwr.app import Error, Message
+
+        out = []
+        for mid in list(message_ids):
+            msg = self.pending.get(mid)
+            if msg is None or msg.metadata.dst_node_id in self.silent:
+                continue
+            if msg.metadata.dst_node_id in self.gone:  # Flower: the SuperLink (node 1) answers for a lost node
+                answer = Message(Error(code=0, reason="Node Unavailable"), reply_to=msg)
+                answer.metadata.__dict__["_src_node_id"] = 1
+            else:
+                answer = self.answer(msg)
+            out.append(answer)
+            del self.pending[mid]
+        return out
+
+
 def reply(to: Message, arrays: ArrayRecord, loss: float, n: int) -> Message:
     """A client's train reply carrying these arrays, loss and example count."""
     from flwr.app import Message, MetricRecord, RecordDict

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import logging
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from flowertune_llm.config import DPSettings, cosine_lr, parse_config
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
 from flowertune_llm.strategy import CommStats, FlowerTuneFedAvg, build_strategy, with_dp
 from flowertune_llm.train import ModelCache, TokenizedCache, train_one_round
-from tests.helpers import FakeGrid, reply, smollm2_adapter, tiny_run_config
+from tests.helpers import FakeGrid, RoundGrid, reply, smollm2_adapter, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run identity
 
@@ -273,7 +275,7 @@ def test_communication_over_100_rounds_matches_the_reference(
 def test_a_sampled_node_without_a_reply_is_named_and_the_round_aggregates_the_others(tiny) -> None:
     """A client that hangs: the grid returns at the round timeout without its reply; the round aggregates the two
     replies it has, records the missing node with its partition and the timeout, and the log line names it."""
-    from flowertune_llm.metrics import failures_text
+    from flowertune_llm.strategy import failures_text
 
     _, start, _, _ = tiny
     strategy = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.15, fraction_evaluate=0.0,
@@ -320,11 +322,75 @@ def test_the_timed_grid_waits_the_round_timeout_for_rounds_and_the_given_one_for
             return []
 
     grid = TimedGrid(Recording(), lambda: 600.0)
-    train = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=1)
     query = Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=1)
-    grid.send_and_receive([train], timeout=3600)
     grid.send_and_receive([query], timeout=120)
-    assert seen == [600.0, 120] and grid.get_node_ids() == list(range(1, 21))
+    assert seen == [120] and grid.get_node_ids() == list(range(1, 21))
+
+    rounds = TimedGrid(RoundGrid(lambda m: Message(RecordDict(), reply_to=m)), lambda: 0.5, poll_s=0.05)
+    rounds.silent.add(3)
+    started = time.monotonic()
+    answers = rounds.send_and_receive(
+        [Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=n) for n in (2, 3)], timeout=3600)
+    assert 0.5 <= time.monotonic() - started < 2.0  # the round's timeout, not the hour Flower's start passes
+    assert [rounds.node_of(a) for a in answers] == [2] and list(rounds.busy_nodes()) == [3]
+    rounds.silent.clear()  # the late reply arrives: the node is free again
+    assert rounds.busy_nodes() == {}
+
+
+def test_a_hanging_node_costs_its_round_only_and_a_lost_node_is_named_not_the_superlink(tiny) -> None:
+    """Flower's SuperNode takes one message at a time: a node whose ClientApp hangs is not sampled again while its
+    message is unanswered (no second timeout), and comes back once it replies. A node lost mid-round is answered for
+    by the SuperLink (sender node 1): the failure names the node the message went to, with its partition."""
+    from flowertune_llm.strategy import TimedGrid, failures_text
+
+    _, start, _, _ = tiny
+    strategy = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=1.0, fraction_evaluate=0.0,
+                              partitions={n: n - 1 for n in (1, 2, 3, 4)}, round_timeout=0.3)
+    fake = RoundGrid(lambda m: reply(m, m.content["arrays"], 1.0, 10), num_nodes=4)
+    grid = TimedGrid(fake, strategy.round_timeout, poll_s=0.02)
+
+    def run(rnd: int) -> list[int]:
+        messages = list(strategy.configure_train(rnd, state_to_arrays(start), ConfigRecord(), grid))
+        strategy.aggregate_train(rnd, grid.send_and_receive(messages, timeout=3600))
+        return sorted(m.metadata.dst_node_id for m in messages)
+
+    fake.silent, fake.gone = {2}, {3}
+    assert run(1) == [1, 2, 3, 4]
+    first = strategy.rounds[1]
+    assert (first.replies, first.failures) == (2, 2)
+    assert failures_text(first.rejected) == (
+        "2 (node 3, partition 2: client error: Node Unavailable; node 2, partition 1: no reply in 0 s)")
+    fake.node_ids = [1, 2, 4]  # Flower's heartbeat has marked node 3 offline
+    assert run(2) == [1, 4]  # node 2 still hangs: not sampled, so the round does not wait for it
+    assert strategy.rounds[2].failures == 0 and [s["node"] for s in strategy.rounds[2].skipped] == [2]
+    fake.silent = set()  # node 2's ClientApp answered (late): sampled again
+    assert run(3) == [1, 2, 4] and strategy.rounds[3].skipped == []
+
+
+def test_too_few_nodes_for_min_replies_waits_the_round_timeout_then_fails_in_one_line(tiny) -> None:
+    """Flower's base strategy would wait without a limit for `min_train_nodes`; the round waits its timeout."""
+    from flowertune_llm.strategy import FederationError, TimedGrid
+
+    _, start, _, _ = tiny
+    strategy = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=1.0, fraction_evaluate=0.0,
+                              partitions={1: 0, 2: 1}, round_timeout=0.3, min_replies=2)
+    fake = RoundGrid(lambda m: reply(m, m.content["arrays"], 1.0, 10), num_nodes=1)
+    started = time.monotonic()
+    with pytest.raises(FederationError, match=r"^round 4: 1 SuperNode\(s\) can take the round \(1 online, 0 still busy "
+                       r"with an unanswered message\), fewer than strategy.min-replies=2 after waiting 0 s"):
+        strategy.configure_train(4, state_to_arrays(start), ConfigRecord(), TimedGrid(fake, strategy.round_timeout,
+                                                                                      poll_s=0.05))
+    assert 0.3 <= time.monotonic() - started < 2.0
+    one = build_strategy("fedavg", lr_schedule=lambda r: 1e-3, fraction_train=0.1, fraction_evaluate=0.0,
+                         partitions={1: 0})
+    assert len(list(one.configure_train(1, state_to_arrays(start), ConfigRecord(), fake))) == 1  # no endless wait
+    with pytest.raises(FederationError, match="1 usable replies, fewer than strategy.min-replies=2; failed=1 "
+                       r"\(node 2, partition 1: no reply in 0 s\)"):
+        two = RoundGrid(lambda m: reply(m, m.content["arrays"], 1.0, 10), num_nodes=2)
+        two.silent.add(2)
+        grid = TimedGrid(two, strategy.round_timeout, poll_s=0.02)
+        messages = strategy.configure_train(5, state_to_arrays(start), ConfigRecord(), grid)
+        strategy.aggregate_train(5, grid.send_and_receive(messages))
 
 
 @pytest.mark.parametrize(("value", "expected"), [("auto", None), (600, 600.0), ("900", 900.0)])
