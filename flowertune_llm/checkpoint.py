@@ -39,6 +39,7 @@ RESUME_MAY_CHANGE = {
     "strategy.fraction_evaluate",
     "strategy.round_timeout",  # how long a round waits: not what it trains
     "comm.tensorboard",
+    *(f"tracking.{k}" for k in ("backends", "project", "uri", "wandb_mode", "clients", "sweep_name", "sweep_point")),
     "eval.every_round",
     "eval.questions",
     "eval.data",

@@ -146,6 +146,19 @@ class CommSettings:
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """Experiment trackers the ServerApp logs to (tracking.py), and the sweep that tags its runs."""
+
+    backends: tuple[str, ...]  # of tracking.BACKENDS; empty: metrics.jsonl (and TensorBoard if asked) only
+    project: str  # W&B / trackio project, MLflow experiment
+    uri: str  # MLflow tracking URI; empty: sqlite:///<train.output-dir>/mlflow.db
+    wandb_mode: str  # "offline" (wandb sync later) or "online"
+    clients: bool  # each client's TRL trainer reports too (one tracker run per client per round)
+    sweep_name: str = ""
+    sweep_point: str = ""
+
+
+@dataclass(frozen=True)
 class EvalSettings:
     """The server's in-training MMLU evaluation (official protocol, validation split)."""
 
@@ -211,6 +224,7 @@ class Config:
     comm: CommSettings
     dp: DPSettings
     eval: EvalSettings
+    tracking: TrackingSettings
 
     @property
     def is_leaderboard_dataset(self) -> bool:
@@ -464,6 +478,29 @@ def parse_config(run_config: Mapping[str, Any]) -> Config:
             batch_size=_as_int(run_config, "eval.batch-size", minimum=1),
             allow_inexact_batching=_as_bool(run_config, "eval.allow-inexact-batching"),
         ),
+        tracking=_tracking(run_config),
+    )
+
+
+TRACKING_BACKENDS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def _tracking(cfg: Mapping[str, Any]) -> TrackingSettings:
+    raw = _as_str(cfg, "tracking.backends", allow_empty=True)
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for name in names:
+        if name not in TRACKING_BACKENDS:
+            raise ConfigError(f"tracking.backends={raw!r}: {name!r} is not one of {', '.join(TRACKING_BACKENDS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tracking.backends={raw!r}: a backend is named twice")
+    return TrackingSettings(
+        backends=names,
+        project=_as_str(cfg, "tracking.project"),
+        uri=_as_str(cfg, "tracking.uri", allow_empty=True),
+        wandb_mode=_choice(cfg, "tracking.wandb-mode", ("offline", "online")),
+        clients=_as_bool(cfg, "tracking.clients"),
+        sweep_name=str(cfg.get("sweep.name", "") or ""),
+        sweep_point=str(cfg.get("sweep.point", "") or ""),
     )
 
 

@@ -1,5 +1,5 @@
 """The run's logs, written into its folder (rundir.py owns the names and the writes): config.json, status.json,
-metrics.jsonl (one line per round), loss.png, TensorBoard."""
+metrics.jsonl (one line per round), loss.png, experiment trackers (tracking.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from flowertune_llm.config import Config, ConfigError
+from flowertune_llm.config import Config
 from flowertune_llm.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -25,15 +25,7 @@ from flowertune_llm.rundir import (
 )
 from flowertune_llm.runs import format_duration
 from flowertune_llm.strategy import RoundLog, failures_text
-
-
-def check_tensorboard(cfg: Config) -> None:
-    """Refuse `metrics.tensorboard = true` early when TensorBoard is not installed."""
-    if cfg.comm.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("metrics.tensorboard=True: `pip install tensorboard` first") from None
+from flowertune_llm.tracking import Trackers
 
 
 def log_validation(server_round: int, num_rounds: int, metrics: dict[str, Any]) -> None:
@@ -105,11 +97,7 @@ class RunLog:
         kept = [m for m in read_metrics(self.run_dir) if m["server_round"] <= last_round]
         write_text(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
         self._round_times: list[float] = []
-        self._writer = None
-        if cfg.comm.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self.trackers = Trackers(self.run_dir, cfg)
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as fh:
@@ -118,19 +106,14 @@ class RunLog:
     def append_baseline(self, validation: dict[str, Any]) -> None:
         """Round 0: the untrained global adapter's validation figures (the curve's first point)."""
         self._write({"server_round": 0, **validation})
+        self.trackers.add({"server_round": 0, **validation})
         log_validation(0, self.cfg.num_server_rounds, validation)
-        self._tensorboard_validation(0, validation)
-
-    def _tensorboard_validation(self, step: int, validation: dict[str, Any]) -> None:
-        if self._writer is not None and validation:
-            for key in ("val_mmlu_avg", "val_valid_letter_rate", "val_letter_ceiling", "val_largest_letter_share"):
-                self._writer.add_scalar(f"validation/{key.removeprefix('val_')}", validation[key], step)
-            self._writer.flush()
 
     def append(self, round_log: RoundLog) -> None:
-        """Add the round's line to metrics.jsonl, log one line with an ETA, feed TensorBoard."""
+        """Add the round's line to metrics.jsonl (and the trackers' queue), log one line with an ETA."""
         record = round_log.to_record()
         self._write(record)
+        self.trackers.add(record)
         self._round_times.append(round_log.wall_time_s + float(round_log.validation.get("val_eval_s", 0.0)))
         remaining = self.cfg.num_server_rounds - round_log.server_round
         eta = sum(self._round_times) / len(self._round_times) * remaining
@@ -154,28 +137,24 @@ class RunLog:
             round_log.wall_time_s,
             format_duration(eta),
         )
-        if self._writer is not None:
-            step = round_log.server_round
-            if round_log.train_loss is not None:
-                self._writer.add_scalar("train/loss", round_log.train_loss, step)
-            self._writer.add_scalar("train/lr", round_log.lr, step)
-            self._writer.add_scalar("comm/total_mb", record["mb_total"], step)
-            self._writer.flush()
         if round_log.validation:
             log_validation(round_log.server_round, self.cfg.num_server_rounds, round_log.validation)
-            self._tensorboard_validation(round_log.server_round, round_log.validation)
 
     def set_status(self, status: str, **details: Any) -> None:
         """status.json: "running" (with this process's id), "complete" or "failed" (with the error), and when."""
         write_json(self.run_dir / STATUS_FILE, status_record(status, self._started, **details))
+
+    def checkpointed(self) -> None:
+        """A checkpoint made the rounds so far final: they go to the trackers (a resume starts after them)."""
+        self.trackers.flush()
+
+    def finish(self, status: str, error: str | None = None, checkpoint: Path | None = None) -> None:
+        """The run's end: status.json, then each tracker run's status (with the final checkpoint if complete)."""
+        self.set_status(status, **({"error": error} if error else {}))
+        self.trackers.finish(status, error, checkpoint)
 
     def plot(self) -> Path:
         """Redraw loss.png from metrics.jsonl."""
         from flowertune_llm.plots import plot_loss
 
         return plot_loss(self.run_dir, f"{Path(self.cfg.model.name).name} ({self.cfg.num_server_rounds} rounds)")
-
-    def close(self) -> None:
-        """Flush and close TensorBoard, if used."""
-        if self._writer is not None:
-            self._writer.close()

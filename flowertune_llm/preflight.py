@@ -12,7 +12,7 @@ from flowertune_llm.config import Config, ConfigError
 from flowertune_llm.dataset import validate_dataset
 from flowertune_llm.evaluate.data import Question
 from flowertune_llm.evaluate.validation import validation_questions
-from flowertune_llm.metrics import check_tensorboard
+from flowertune_llm.tracking import check_backends
 from flowertune_llm.models import check_model_source
 
 
@@ -60,7 +60,7 @@ def preflight(cfg: Config) -> Preflight:
     from flowertune_llm.train import check_training_arguments
 
     check_training_arguments(cfg)  # first: milliseconds, and TRL's reason beats a failure in every ClientApp
-    check_tensorboard(cfg)
+    check_backends(cfg)
     questions = validation_questions(cfg.eval) if cfg.eval.enabled else None
     rows = validate_dataset(cfg.dataset_name)
     check_model_source(cfg.model.name)

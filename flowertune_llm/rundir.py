@@ -29,6 +29,8 @@ CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+#: The run's experiment-tracker run ids (tracking.py): a resume continues the same tracker runs.
+TRACKING_FILE = "tracking.json"
 CHECKPOINT_NAME = re.compile(r"^peft_(\d+)$")
 #: What resume needs beside the PEFT files of a checkpoint.
 METADATA_FILE = "flowertune_state.json"

@@ -15,7 +15,7 @@ from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.gguf import GgufError
 from flowertune_llm.logs import one_line_errors
 from flowertune_llm.metrics import RunLog
-from flowertune_llm.rundir import new_run_dir, read_metrics, set_aside_checkpoints_after
+from flowertune_llm.rundir import checkpoint_name, new_run_dir, read_metrics, set_aside_checkpoints_after
 from flowertune_llm.evaluate.validation import Validator
 from flowertune_llm.devices import set_process_threads
 from flowertune_llm.models import arrays_to_state, initial_adapter, state_to_arrays
@@ -88,7 +88,10 @@ def main(grid: Grid, context: Context) -> None:
         if due:
             round_log.validation = validate(arrays_to_state(arrays))
         run_log.append(round_log)
-        if checkpointer(rnd, arrays) or due:
+        saved = checkpointer(rnd, arrays)
+        if saved:
+            run_log.checkpointed()
+        if saved or due:
             run_log.plot()
 
     log(INFO, "Run folder: %s", run_dir)
@@ -103,10 +106,9 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=on_round_end,
         )
     except Exception as exc:
-        run_log.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        run_log.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    run_log.set_status("complete")
-    run_log.close()
+    run_log.finish("complete", checkpoint=run_dir / checkpoint_name(cfg.num_server_rounds))
     log(
         INFO,
         "Done: %d rounds, communication %.2f MiB (%.2f MiB with keys), peak memory per client %s; checkpoints in %s",

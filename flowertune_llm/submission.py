@@ -20,7 +20,9 @@ from typing import Any
 from flowertune_llm import rules
 from flowertune_llm.config import run_config_arg
 from flowertune_llm.evaluate.protocol import LEADERBOARD_CATEGORIES
-from flowertune_llm.rundir import CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULTS_FILE, checkpoint_name, write_folder
+from flowertune_llm.rundir import (
+    CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULTS_FILE, TRACKING_FILE, checkpoint_name, write_folder,
+)
 from flowertune_llm.runs import BOOKKEEPING_KEYS, RunRecord, read_run
 
 #: The entry's communication figure, as the leaderboard asks for it.
@@ -247,4 +249,21 @@ def build_submission(
         (tmp / "SHA256SUMS").write_text(_sha256sums(tmp))
         if out.exists():
             out.rmdir()  # empty, checked above: the finished folder takes its place
+    track_entry(run, out, ev.summary)
     return out, violations, ev
+
+
+def track_entry(run: RunRecord, out: Path, summary: dict[str, Any]) -> None:
+    """The entry folder and its scores into the run's tracker runs (those its tracking.json names), if any."""
+    from flowertune_llm.config import parse_config
+    from flowertune_llm.tracking import log_entry
+
+    if not (run.path / TRACKING_FILE).is_file() or not run.run_config:
+        return
+    scores = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    try:
+        names = log_entry(run.path, parse_config(run.run_config), out, scores)
+    except Exception as exc:  # noqa: BLE001  the entry is written: a tracker's failure must not undo that
+        print(f"warning: the entry was not logged to the run's trackers: {type(exc).__name__}: {exc}")
+        return
+    print(f"logged the entry and its scores to the run's tracker runs: {', '.join(names)}")

@@ -41,6 +41,7 @@ from flowertune_llm.models import AdapterState, adapter_state, build_peft_model,
 from flowertune_llm.evaluate.generation import letter_token_ids
 from flowertune_llm.letter_balance import ROTATION_COLUMN, ROW_COLUMN, LetterBalance
 from flowertune_llm.schedule import BLOCK, epoch_orders, rotation_order, row_order
+from flowertune_llm.tracking import client_reporting
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,13 @@ def app_training_arguments(cfg: Config, lr: float, output_dir: str, device: str,
     )
 
 
-def sft_config(cfg: Config, lr: float, output_dir: str, device: str, bf16: bool | None = None) -> SFTConfig:
+def sft_config(
+    cfg: Config, lr: float, output_dir: str, device: str, bf16: bool | None = None, run_name: str = "client"
+) -> SFTConfig:
     """SFTConfig for one round: the user's training arguments + what the app owns (one device)."""
     args = dict(cfg.train.training_arguments)
+    if cfg.tracking.clients:  # TRL reports to the run's trackers itself: one tracker run per client per round
+        args.update(client_reporting(cfg, run_name))
     args.update(app_training_arguments(cfg, lr, output_dir, device, bf16))
     if cfg.train.dynamic_data_seed or cfg.train.rotates:  # the round's rows come pre-ordered (schedule): keep that order
         args["train_sampling_strategy"] = "sequential"
@@ -293,6 +298,7 @@ def make_trainer(
     callbacks: list[TrainerCallback] | None = None,
     proximal_mu: float = 0.0,
     optimized: bool = True,
+    run_name: str = "client",
 ) -> SFTTrainer:
     """The global adapter on the (cached) model and a fresh SFTTrainer (new optimizer) around it.
 
@@ -316,7 +322,7 @@ def make_trainer(
         mcq_balance=cfg.train.mcq_balance if cfg.train.rotates else 0.0,
         compute=compute,
         model=model,
-        args=sft_config(cfg, lr, output_dir, device),
+        args=sft_config(cfg, lr, output_dir, device, run_name=run_name),
         data_collator=padding_free.collator(tokenizer.pad_token_id) if cfg.train.padding_free else None,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
@@ -410,7 +416,7 @@ def train_one_round(
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as tmp, RoundMemory(device) as memory:
         trainer = make_trainer(
             cfg, global_state, dataset, lr, tmp, models=models, callbacks=callbacks, proximal_mu=proximal_mu,
-            optimized=optimized,
+            optimized=optimized, run_name=f"{cfg.tracking.sweep_point or 'run'} round {server_round} partition {partition_id}",
         )
         if tokenized is not None:
             tokenized.put(key, trainer.train_dataset)

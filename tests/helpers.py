@@ -257,3 +257,30 @@ def record_training_batches(monkeypatch: Any, sink: Any) -> None:
         return original(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(ProximalSFTTrainer, "compute_loss", recording)
+
+
+def wandb_records(path: Path) -> list[Any]:
+    """The protobuf Records of a W&B offline run file (`run-<id>.wandb`): a 7-byte header (":W&B", magic,
+    version), then LevelDB-log framing (32 KiB blocks; records of checksum, length, type, data; types FULL=1,
+    FIRST=2, MIDDLE=3, LAST=4), each whole record one `wandb_internal_pb2.Record`."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a W&B run file"
+    records, pos, parts, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            records.append(record)
+    return records

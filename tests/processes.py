@@ -63,10 +63,14 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def start_simulation_superlink(flwr_home: Path, log_file: Path) -> tuple[subprocess.Popen, str]:
-    """A SuperLink in simulation mode on a free port, plus a `test` connection in FLWR_HOME."""
+def start_simulation_superlink(
+    flwr_home: Path, log_file: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """A SuperLink in simulation mode on a free port, plus a `test` connection in FLWR_HOME (its ServerApp and
+    ClientApps inherit its environment: `extra_env` reaches them)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    proc, port = start_superlink(flower_env(flwr_home), log_file, certs=None, simulation=True)
+    proc, port = start_superlink({**flower_env(flwr_home), **(extra_env or {})}, log_file, certs=None,
+                                 simulation=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'

@@ -73,20 +73,32 @@ class InProcessGrid:
                        node_config={"partition-id": n - 1, "num-partitions": num_nodes})
             for n in range(1, num_nodes + 1)
         }
+        self._replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         """All simulated SuperNodes."""
         return list(self.contexts)
 
-    def send_and_receive(self, messages, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
-        """Run the ClientApp on each message, one after another; a failure becomes an error reply."""
-        replies = []
+    def push_messages(self, messages) -> list[str]:  # noqa: ANN001
+        """Run the ClientApp on each message now, one after another (a failure becomes an error reply); the ids."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grid does
             try:
-                replies.append(client_app.app(msg, self.contexts[msg.metadata.dst_node_id]))
+                reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - reported like Flower reports a ClientApp error
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:  # noqa: ANN001
+        """The replies to these messages (each once)."""
+        return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+
+    def send_and_receive(self, messages, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        """Push, then pull: every reply is there at once."""
+        return self.pull_messages(self.push_messages(messages))
 
 
 def proxy_overrides(args: argparse.Namespace, model: str, template: str, dataset: Path, out: Path) -> dict:
