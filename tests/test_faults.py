@@ -63,9 +63,10 @@ def test_tls_federation_refuses_outsiders_and_a_hanging_client_a_killed_and_a_la
     `flwr` client that trusts another CA are refused, each saying why.
     Round 1: partitions 0, 1, 2. Round 2: partition 3's SuperNode (started once the run began) joins; partition
     2's ClientApp blocks inside its training step (its SuperNode stays online); partition 1's SuperNode is SIGKILLed
-    while it trains. The round ends with the two replies it has: the killed node named by Flower's heartbeat, the
-    hanging one at the round timeout. Round 3 does not wait for the hanging node again (not sampled: its SuperNode
-    takes no message until it replies) and completes on partitions 0 and 3. The final checkpoint loads."""
+    while it trains. The round ends with the two replies it has, at the round timeout: the killed node named by
+    Flower's heartbeat if it expired first (Node Unavailable), the hanging one as "no reply in 60 s". Round 3
+    does not wait for the hanging node again (not sampled: its SuperNode takes no message until it replies) and
+    completes on partitions 0 and 3. The final checkpoint loads."""
     other_ca = tmp_path / "other-ca"
     assert flowertune_cli(["certs", "--out", str(other_ca), "--host", "127.0.0.1"]) == 0
     fed = Federation(tmp_path, max_nodes=5)
@@ -84,7 +85,7 @@ def test_tls_federation_refuses_outsiders_and_a_hanging_client_a_killed_and_a_la
         client.close()
         fed.wait_online([0, 1, 2])
         overrides = tiny_overrides(tiny_llama_dir, **{
-            "num-server-rounds": 3, "strategy.fraction-train": 1.0, "strategy.round-timeout": 120,
+            "num-server-rounds": 3, "strategy.fraction-train": 1.0, "strategy.round-timeout": 60,
             "train.output-dir": str(tmp_path / "results"),
         })
         run = fed.run(overrides, log)
@@ -113,9 +114,10 @@ def test_tls_federation_refuses_outsiders_and_a_hanging_client_a_killed_and_a_la
     lines = {int(r): (int(n), why) for r, n, why in FAIL_LINE.findall(text)}
     assert [r[:3] for r in round_lines(text)] == [("1", "3", "0"), ("2", "2", "2"), ("3", "2", "0")], text[-4000:]
     n, why = lines[2]
-    assert f"node {ids[1]}, partition 1: client error: " in why and "Node Unavailable" in why, why
-    assert f"node {ids[2]}, partition 2: no reply in 120 s" in why, why
-    assert round2_s < 150  # the round costs its timeout, no more
+    # the killed node: Flower's heartbeat (2 x 30 s) or the round timeout, whichever comes first
+    assert re.search(rf"node {ids[1]}, partition 1: (client error: Error: Node Unavailable|no reply in 60 s)", why), why
+    assert f"node {ids[2]}, partition 2: no reply in 60 s" in why, why
+    assert round2_s < 80  # the round costs its timeout, no more
     assert re.search(rf"round 3: node {ids[2]} \(partition 2\) has not answered a message sent \d+ s ago", text)
 
     (run_dir,) = list((tmp_path / "results").iterdir())
@@ -124,7 +126,8 @@ def test_tls_federation_refuses_outsiders_and_a_hanging_client_a_killed_and_a_la
     assert partitions == [[0, 1, 2], [0, 3], [0, 3]]  # the late node trains its own partition from round 2 on
     assert sorted((r["node"], r["partition"]) for r in metrics[1]["rejected"]) == sorted(
         [(int(ids[1]), 1), (int(ids[2]), 2)])
-    assert [(s["node"], s["partition"]) for s in metrics[2]["skipped"]] == [(int(ids[2]), 2)]
+    skipped = [(s["node"], s["partition"]) for s in metrics[2]["skipped"]]  # + the killed node if still "online"
+    assert (int(ids[2]), 2) in skipped and set(skipped) <= {(int(ids[1]), 1), (int(ids[2]), 2)}
     assert json.loads((run_dir / STATUS_FILE).read_text())["status"] == "complete"
     trained = adapter_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
                                                       str(run_dir / "peft_3")))
