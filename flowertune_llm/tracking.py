@@ -275,7 +275,8 @@ class Trackers:
             return
         problems: list[str] = []
         ids: dict[str, str] = (read_json(self.run_dir / TRACKING_FILE, problems) or {}).get("runs", {})
-        name = cfg.tracking.sweep_point or self.run_dir.name
+        # the run folder's name is unique in its output folder (trackio knows a run by its name alone)
+        name = f"{cfg.tracking.sweep_point} {self.run_dir.name}" if cfg.tracking.sweep_point else self.run_dir.name
         params = flat_params(cfg)
         for backend in self.names:
             self.trackers[backend] = TRACKERS[backend](run_dir=self.run_dir, cfg=cfg, run_id=ids.get(backend),
@@ -291,10 +292,12 @@ class Trackers:
     def flush(self) -> None:
         """Log the rounds a checkpoint has made final, `server_round` as the step."""
         rows = [(tracker_metrics(record), int(record["server_round"])) for record in self._pending]
-        if rows:
-            for tracker in self.trackers.values():
-                tracker.log(rows)
         self._pending = []
+        for backend, tracker in self.trackers.items() if rows else ():
+            try:
+                tracker.log(rows)
+            except Exception as exc:  # noqa: BLE001  a tracker's trouble must not stop the training
+                log(WARNING, "tracking: %s could not log rounds %d-%d: %s", backend, rows[0][1], rows[-1][1], exc)
 
     def finish(self, status: str, error: str | None = None, checkpoint: Path | None = None) -> None:
         """The final checkpoint as an artifact, then each run's status (complete / failed with the error)."""

@@ -284,3 +284,39 @@ def wandb_records(path: Path) -> list[Any]:
             record.ParseFromString(parts)
             records.append(record)
     return records
+
+
+TRACKING_PROJECT = "flowertune-llm"  # pyproject's tracking.project
+
+
+def mlflow_run(results: Path, run_id: str):  # noqa: ANN201
+    """(client, run) of an MLflow run in `results/mlflow.db`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    return client, client.get_run(run_id)
+
+
+def wandb_history(run_dir: Path) -> tuple[list[dict], list]:
+    """Every history row (user keys, `_step`) of a run's W&B offline files, in order; and all their records."""
+    rows, records = [], []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        for record in wandb_records(path):
+            records.append(record)
+            if record.WhichOneof("record_type") == "history":
+                items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+                rows.append({k: v for k, v in items.items() if not k.startswith("_") or k == "_step"})
+    return rows, records
+
+
+def trackio_logs(trackio_dir: Path, run: str) -> list[dict]:
+    """trackio's logged rows of a run, then its artifacts, read in a fresh interpreter with its TRACKIO_DIR."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
+            f"print(json.dumps([{{k: v for k, v in r.items() if k != 'timestamp'}} for r in S.get_logs({TRACKING_PROJECT!r}, "
+            f"{run!r})] + [S.get_run_artifacts({TRACKING_PROJECT!r}, {run!r}, None)]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRACKIO_DIR": str(trackio_dir)},
+                         capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])

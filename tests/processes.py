@@ -210,6 +210,10 @@ class Federation:
         with open(self.home / "config.toml", "a") as toml:
             toml.write(f'\n[superlink.{name}]\naddress = "127.0.0.1:{self.port}"\nroot-certificates = "{root_ca}"\n')
 
+    def stop_node(self, key: int) -> None:
+        """Stop SuperNode `key` (SIGTERM, then SIGKILL after 15 s): it leaves the federation."""
+        stop_tree(self.nodes[key].pid)
+
     def kill_node(self, key: int) -> None:
         """SIGKILL SuperNode `key` and its ClientApps: the machine is lost, no goodbye to the SuperLink."""
         kill_tree(self.nodes[key].pid)

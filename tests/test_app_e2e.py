@@ -17,7 +17,9 @@ from transformers import AutoModelForCausalLM
 from flowertune_llm.config import parse_config, run_config_arg
 from flowertune_llm.models import adapter_state, initial_adapter
 from flowertune_llm.rundir import read_metrics
-from tests.helpers import ALPACA_SUBSET, MMLU_VAL, ROOT, tiny_overrides, tiny_run_config
+from tests.helpers import (
+    ALPACA_SUBSET, MMLU_VAL, ROOT, mlflow_run, tiny_overrides, tiny_run_config, trackio_logs, wandb_history,
+)
 from tests.processes import BIN, flower_env, round_lines, start_simulation_superlink, stop_tree
 
 pytestmark = pytest.mark.e2e
@@ -130,9 +132,13 @@ VALIDATION_KEYS = {"val_mmlu_stem", "val_mmlu_social_sciences", "val_mmlu_humani
                    "val_largest_letter_share", "val_letter_probability"}
 
 
-def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation(
-    tmp_path: Path, tiny_llama_dir: Path
+def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation_and_trackers(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """4 rounds, a checkpoint every 2, evaluation every 2; MLflow, W&B and trackio on. The interrupted run is killed
+    (SuperLink, simulation, `flwr run`) once round 3 is in metrics.jsonl (its last checkpoint: round 2); the resume
+    ends with the uninterrupted run's adapter and figures, and each tracker holds ONE run with every round once
+    (round 3 from the resume only), read back with each library's own API."""
     import time
 
     from safetensors.torch import load_file
@@ -143,6 +149,8 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
 
     evaluation = {"eval.every-round": 2, "eval.questions": 6, "eval.data": str(MMLU_VAL), "eval.batch-size": 2}
     base = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 4, "train.save-every-round": 2, **evaluation})
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # every SuperLink started below inherits it
+    tracked = {"tracking.backends": "mlflow,wandb,trackio", "sweep.name": "s1", "sweep.point": "train.seq-length=64"}
     log = flwr_run(tmp_path / "full", {**base, "train.output-dir": str(tmp_path / "full" / "results")})
     (full_run,) = list((tmp_path / "full" / "results").iterdir())
     full_m = read_metrics(full_run)
@@ -169,27 +177,29 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
     assert prior["largest_letter_share"] == full_m[4]["val_largest_letter_share"]
     assert prior["letter_probability"] == full_m[4]["val_letter_probability"]
 
-    # Interrupted run: kill SuperLink, simulation and `flwr run` once peft_2 is on disk.
+    # Interrupted run: kill SuperLink, simulation and `flwr run` once round 3 is logged (its checkpoint: peft_2).
     out = tmp_path / "cut" / "results"
     home = tmp_path / "cut" / "flwr-home"
     superlink, connection = start_simulation_superlink(home, tmp_path / "cut" / "superlink.log")
     runner = subprocess.Popen(
-        flwr_run_command(connection, {**base, "train.output-dir": str(out)}),
+        flwr_run_command(connection, {**base, **tracked, "train.output-dir": str(out)}),
         env=flower_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 600
-        while not any(is_complete(p) for p in out.glob("*/peft_2")):
-            assert time.monotonic() < deadline and runner.poll() is None, "no peft_2 before the run ended"
+        while not any(m["server_round"] == 3 for d in out.glob("*/") if is_complete(d / "peft_2")
+                      for m in read_metrics(d)):
+            assert time.monotonic() < deadline and runner.poll() is None, "no round 3 before the run ended"
             time.sleep(0.2)
     finally:
         stop_tree(superlink.pid, timeout=0)  # SIGTERM then SIGKILL right away: a pre-emption
         stop_tree(runner.pid, timeout=0)
-    (cut_run,) = list(out.iterdir())
+    (cut_run,) = [d for d in out.iterdir() if d.is_dir() and d.name != "mlartifacts"]
     assert not (cut_run / "peft_4").exists()
 
-    log = flwr_run(tmp_path / "resume", {**base, "train.output-dir": str(out), "train.resume-from": str(cut_run)})
-    assert "Resuming" in log and list(out.iterdir()) == [cut_run]
+    log = flwr_run(tmp_path / "resume", {**base, **tracked, "train.output-dir": str(out),
+                                         "train.resume-from": str(cut_run)})
+    assert "Resuming" in log and [d for d in out.iterdir() if d.is_dir() and d.name != "mlartifacts"] == [cut_run]
 
     full, resumed = load_file(str(full_run / "peft_4" / "adapter_model.safetensors")), load_file(
         str(cut_run / "peft_4" / "adapter_model.safetensors")
@@ -198,6 +208,21 @@ def test_resume_after_kill_matches_uninterrupted_run_with_in_training_evaluation
     cut_m = read_metrics(cut_run)
     assert [m["server_round"] for m in cut_m] == [0, 1, 2, 3, 4]  # the series goes on where it stopped
     assert [comparable(m) for m in cut_m[3:]] == [comparable(m) for m in full_m[3:]]
+
+    ids = json.loads((cut_run / "tracking.json").read_text())["runs"]
+    losses = [(m["server_round"], pytest.approx(m["train_loss"])) for m in cut_m if m["server_round"] > 0]
+    client, run = mlflow_run(out, ids["mlflow"])
+    assert [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "train/loss")] == losses
+    assert [m.step for m in client.get_metric_history(ids["mlflow"], "validation/mmlu_avg")] == [0, 2, 4]
+    assert run.info.status == "FINISHED" and run.data.tags["sweep.name"] == "s1"
+    assert run.data.tags["mlflow.runName"] == f"train.seq-length=64 {cut_run.name}"
+    assert [a.path for a in client.list_artifacts(ids["mlflow"])] == ["peft_4"]
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # one tracker run for the run and its resume
+    rows, records = wandb_history(cut_run)
+    assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == losses
+    assert {r.run.run_id for r in records if r.WhichOneof("record_type") == "run"} == {ids["wandb"]}
+    logs = trackio_logs(tmp_path / "trackio", ids["trackio"])[:-1]
+    assert [(r["step"], r["train/loss"]) for r in logs if "train/loss" in r] == losses
 
 
 def flwr_log(env: dict[str, str], connection: str, run_id: str) -> str:

@@ -139,7 +139,7 @@ def test_superlink_restart_resumes_to_the_uninterrupted_adapter_and_too_few_node
 ) -> None:
     """The SuperLink keeps its state in a SQLite file (`--database`). Killed with its ServerApp after round 1's
     checkpoint and restarted, the registered SuperNodes reconnect by themselves and `train.resume-from` ends with
-    the adapter of an uninterrupted run. Then one SuperNode is killed during a run with `strategy.min-replies=2`:
+    the adapter of an uninterrupted run. Then one SuperNode is stopped during a run with `strategy.min-replies=2`:
     the run fails with one line naming the rule, status failed, only the good rounds' checkpoints."""
     fed = Federation(tmp_path, max_nodes=2, database=tmp_path / "superlink.db")
     base = tiny_overrides(tiny_llama_dir, **{"num-server-rounds": 2, "train.save-every-round": 1,
@@ -165,9 +165,11 @@ def test_superlink_restart_resumes_to_the_uninterrupted_adapter_and_too_few_node
         assert "Resuming" in (tmp_path / "resume.log").read_text()
 
         few = tmp_path / "few"
-        run = fed.run({**base, "train.output-dir": str(few), "strategy.min-replies": 2}, tmp_path / "few.log")
+        run = fed.run({**base, "train.output-dir": str(few), "strategy.min-replies": 2, "strategy.round-timeout": 30},
+                      tmp_path / "few.log")
         wait_for("round 1's checkpoint", lambda: any(is_complete(p) for p in few.glob("*/peft_1")), 300, run)
-        fed.kill_node(1)
+        lost = fed.node_ids[1]
+        fed.stop_node(1)  # stopped, not killed: it leaves the federation at once (no heartbeat to wait for)
         run.wait(timeout=300)  # `flwr run --stream` exits 0 whatever the run's status: ask the SuperLink
         few_log = (tmp_path / "few.log").read_text()
         run_id = re.search(r"Successfully started run (\d+)", few_log).group(1)
@@ -182,6 +184,8 @@ def test_superlink_restart_resumes_to_the_uninterrupted_adapter_and_too_few_node
 
     stops = [line for line in few_log.splitlines() if "Run stopped:" in line]
     assert len(stops) == 1 and "strategy.min-replies=2" in stops[0] and "Traceback" not in few_log, few_log[-3000:]
+    # round 2 had sent it its message (the lost node named, by id and partition), or found it gone (the count)
+    assert re.search(rf"(failed=1 \(node {lost}, partition 1: |1 SuperNode\(s\) can take the round)", stops[0]), stops
     (few_run,) = list(few.iterdir())
     status = json.loads((few_run / STATUS_FILE).read_text())
     assert status["status"] == "failed" and "strategy.min-replies=2" in status["error"]

@@ -16,40 +16,7 @@ import pytest
 
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.tracking import check_backends, client_reporting, tracker_metrics
-from tests.helpers import ROOT, default_run_config, wandb_records
-
-PROJECT = "flowertune-llm"
-
-
-def mlflow_run(results: Path, run_id: str):  # noqa: ANN201
-    """(client, run) of an MLflow run in `results/mlflow.db`."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
-    return client, client.get_run(run_id)
-
-
-def wandb_history(run_dir: Path) -> tuple[list[dict], list]:
-    """Every history row (user keys, `_step`) of a run's W&B offline files, in order; and all their records."""
-    rows, records = [], []
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        for record in wandb_records(path):
-            records.append(record)
-            if record.WhichOneof("record_type") == "history":
-                items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
-                rows.append({k: v for k, v in items.items() if not k.startswith("_") or k == "_step"})
-    return rows, records
-
-
-def trackio_logs(trackio_dir: Path, run: str) -> list[dict]:
-    """trackio's logged rows of a run, read in a fresh interpreter with its TRACKIO_DIR."""
-    code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
-            f"print(json.dumps([{{k: v for k, v in r.items() if k != 'timestamp'}} for r in S.get_logs({PROJECT!r}, "
-            f"{run!r})] + [S.get_run_artifacts({PROJECT!r}, {run!r}, None)]))")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRACKIO_DIR": str(trackio_dir)},
-                         capture_output=True, text=True, check=True, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
+from tests.helpers import ROOT, default_run_config, mlflow_run, trackio_logs, wandb_history
 
 SCRIPT = """
 import sys
@@ -111,7 +78,8 @@ def test_each_tracker_holds_one_run_with_the_final_rounds_once_the_checkpoint_an
     assert [m.value for m in client.get_metric_history(ids["mlflow"], "entry/average")] == [0.2795]
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "complete" and "error" not in run.data.tags
     assert run.data.params["train.seq_length"] == "512" and run.data.params["num_server_rounds"] == "3"
-    assert run.data.tags["sweep.name"] == "lr-sweep" and run.data.tags["mlflow.runName"] == "train.seq-length=64"
+    name = "train.seq-length=64 2026-12-06_00-00-00"  # the sweep point and the run folder
+    assert run.data.tags["sweep.name"] == "lr-sweep" and run.data.tags["mlflow.runName"] == name
     assert {a.path for a in client.list_artifacts(ids["mlflow"])} == {"peft_3", "entry"}
     assert [a.path for a in client.list_artifacts(ids["mlflow"], "peft_3")] == ["peft_3/adapter_config.json"]
 
@@ -120,7 +88,7 @@ def test_each_tracker_holds_one_run_with_the_final_rounds_once_the_checkpoint_an
     assert [r["_step"] for r in rows if "validation/mmlu_avg" in r] == [0, 1, 2, 3]
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert {r.run_id for r in runs} == {ids["wandb"]}
-    assert {r.run_group for r in runs} == {"lr-sweep"} and {r.display_name for r in runs} == {"train.seq-length=64"}
+    assert {r.run_group for r in runs} == {"lr-sweep"} and {r.display_name for r in runs} == {name}
     exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
     assert exits[-1] == 0 and 1 in exits  # the dead process's failed status, then the resume's and entry's
     assert {r.artifact.name for r in records if r.WhichOneof("record_type") == "artifact"} == {
@@ -133,7 +101,8 @@ def test_each_tracker_holds_one_run_with_the_final_rounds_once_the_checkpoint_an
     artifacts, logs = logs[-1], logs[:-1]
     assert [(r["step"], r["train/loss"]) for r in logs if "train/loss" in r] == want
     assert [r["step"] for r in logs if "validation/mmlu_avg" in r] == [0, 1, 2, 3]
-    assert {a["name"] for a in artifacts["output"]} == {"train.seq-length_64-peft_3", "train.seq-length_64-entry"}
+    assert {a["name"] for a in artifacts["output"]} == {"train.seq-length_64_2026-12-06_00-00-00-peft_3",
+                                                         "train.seq-length_64_2026-12-06_00-00-00-entry"}
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -184,62 +153,3 @@ def test_clients_stay_quiet_unless_asked_then_trl_reports_to_the_run_backends(
     assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{(tmp_path / 'results').resolve() / 'mlflow.db'}"
     assert os.environ["WANDB_MODE"] == "offline"
     assert client_reporting(loud, "x")["report_to"] == ["mlflow", "wandb"]
-
-
-@pytest.mark.e2e
-def test_through_flwr_run_a_killed_and_resumed_run_is_one_tracker_run_with_each_round_once(
-    tmp_path: Path, tiny_llama_dir: Path
-) -> None:
-    """`flwr run` (simulation, tiny model) with MLflow, W&B and trackio; the SuperLink and `flwr run` are killed once
-    round 3 is in metrics.jsonl (its checkpoint is round 2's), then `train.resume-from` finishes round 3 and 4."""
-    import time
-
-    from flowertune_llm.rundir import read_metrics
-    from tests.helpers import tiny_overrides
-    from tests.processes import flower_env, start_simulation_superlink, stop_tree
-    from tests.test_app_e2e import flwr_run_command, flwr_run_on
-
-    results, trackio_dir = tmp_path / "results", tmp_path / "trackio"
-    base = tiny_overrides(tiny_llama_dir, **{
-        "num-server-rounds": 4, "train.save-every-round": 2, "train.output-dir": str(results),
-        "tracking.backends": "mlflow,wandb,trackio", "sweep.name": "s1", "sweep.point": "train.seq-length=64"})
-    home = tmp_path / "flwr-home"
-    extra = {"TRACKIO_DIR": str(trackio_dir)}
-    superlink, connection = start_simulation_superlink(home, tmp_path / "superlink.log", extra)
-    runner = subprocess.Popen(flwr_run_command(connection, base), env={**flower_env(home), **extra},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while not any(m.get("server_round") == 3 for d in results.glob("*") if d.is_dir() for m in read_metrics(d)):
-            assert time.monotonic() < deadline and runner.poll() is None, "round 3 never ended"
-            time.sleep(0.2)
-    finally:
-        stop_tree(superlink.pid, timeout=0)
-        stop_tree(runner.pid, timeout=0)
-    (run_dir,) = [d for d in results.iterdir() if d.is_dir() and d.name != "mlartifacts"]
-    assert not (run_dir / "peft_4").exists()
-    superlink, connection = start_simulation_superlink(home, tmp_path / "superlink-2.log", extra)
-    try:
-        flwr_run_on({**flower_env(home), **extra}, connection, {**base, "train.resume-from": str(run_dir)})
-    finally:
-        stop_tree(superlink.pid)
-
-    ids = json.loads((run_dir / "tracking.json").read_text())["runs"]
-    losses = [(m["server_round"], m["train_loss"]) for m in read_metrics(run_dir) if m["server_round"] > 0]
-    assert [r for r, _ in losses] == [1, 2, 3, 4]
-    client, run = mlflow_run(results, ids["mlflow"])
-    history = [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "train/loss")]
-    assert history == [(r, pytest.approx(v)) for r, v in losses]  # each round once: round 3 by the resume only
-    assert run.info.status == "FINISHED" and run.data.tags["sweep.name"] == "s1"
-    assert run.data.tags["mlflow.runName"] == "train.seq-length=64"
-    assert [a.path for a in client.list_artifacts(ids["mlflow"])] == ["peft_4"]
-    assert len(client.search_runs([run.info.experiment_id])) == 1
-
-    rows, records = wandb_history(run_dir)
-    assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == [
-        (r, pytest.approx(v)) for r, v in losses]
-    assert {r.run.run_id for r in records if r.WhichOneof("record_type") == "run"} == {ids["wandb"]}
-
-    logs = trackio_logs(trackio_dir, ids["trackio"])[:-1]
-    assert [(r["step"], r["train/loss"]) for r in logs if "train/loss" in r] == [
-        (r, pytest.approx(v)) for r, v in losses]
