@@ -86,8 +86,9 @@ def local_superlink_processes(flwr_home: Path | None = None) -> list[Any]:
     return found
 
 
-def stop_process_tree(pid: int, timeout: float = 15.0) -> None:
-    """Terminate a process and all its descendants (collected first), then kill stragglers."""
+def stop_process_tree(pid: int, timeout: float = 15.0, graceful: bool = True) -> None:
+    """Terminate a process and all its descendants (collected first), then kill stragglers; `graceful=False`:
+    SIGKILL them all at once (a machine lost: no chance to say goodbye)."""
     import psutil
 
     try:
@@ -97,8 +98,8 @@ def stop_process_tree(pid: int, timeout: float = 15.0) -> None:
     procs = [root, *root.children(recursive=True)]
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+            proc.terminate() if graceful else proc.kill()
+    _, alive = psutil.wait_procs(procs, timeout=timeout if graceful else 10)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()

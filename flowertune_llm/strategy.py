@@ -250,7 +250,6 @@ class FlowerTuneMixin:
         self.round_timeout_setting = round_timeout
         self._sampled: list[int] = []
         self._grid: Grid | None = None  # the grid of the current round (a TimedGrid in the app)
-        self._skipped: list[dict] = []
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._budget_warned = self.comm.total_with_keys_mb > comm_budget_mb
 
@@ -272,9 +271,9 @@ class FlowerTuneMixin:
         peaks = [r.peak_mem_mb for r in self.rounds.values() if r.peak_mem_mb is not None]
         return max(peaks) if peaks else None
 
-    def available_nodes(self, rnd: int, grid: Grid) -> list[int]:
-        """The online nodes that can take round `rnd` (not still busy with a message that timed out): waits up to the
-        round timeout for `strategy.min-replies` of them, then stops the run with one line naming the rule."""
+    def available_nodes(self, rnd: int, grid: Grid) -> tuple[list[int], list[dict]]:
+        """The online nodes that can take round `rnd`, and those skipped (still busy with a message that timed out):
+        waits up to the round timeout for `strategy.min-replies` free nodes, then stops the run in one line."""
         busy_nodes = getattr(grid, "busy_nodes", dict)
         deadline, waited = time.monotonic() + self.round_timeout(), False
         while True:
@@ -294,13 +293,14 @@ class FlowerTuneMixin:
                     "%.0f s for more", rnd, len(free), self.min_replies, self.round_timeout())
                 waited = True
             time.sleep(getattr(grid, "poll_s", 3.0))
-        self._skipped = [{"node": n, "partition": self.partitions.get(n),
-                          "reason": f"no reply yet to a message sent {busy[n]:.0f} s ago"} for n in online if n in busy]
+        skipped = []
         for node in (n for n in online if n in busy):
             log(WARNING, "round %d: node %d (partition %s) has not answered a message sent %.0f s ago (its ClientApp "
                 "hangs: a SuperNode takes one message at a time): not sampled", rnd, node, self.partitions.get(node),
                 busy[node])
-        return free
+            skipped.append({"node": node, "partition": self.partitions.get(node),
+                            "reason": f"no reply yet to a message sent {busy[node]:.0f} s ago"})
+        return free, skipped
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -309,7 +309,7 @@ class FlowerTuneMixin:
         rnd = server_round + self.round_offset
         config["lr"] = self.lr_schedule(rnd)
         self._grid = grid
-        free = self.available_nodes(rnd, grid)
+        free, skipped = self.available_nodes(rnd, grid)
         wanted = (self.min_train_nodes, self.min_available_nodes)  # type: ignore[has-type]
         # Flower's base waits, without a limit, for min_train_nodes: never more than can take the round
         self.min_train_nodes, self.min_available_nodes = (min(w, len(free)) for w in wanted)
@@ -332,7 +332,7 @@ class FlowerTuneMixin:
         record = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
         messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))  # type: ignore[attr-defined]
         round_log = RoundLog(rnd, float(config["lr"]), partitions, timeout_s=self.round_timeout(),
-                             skipped=self._skipped)
+                             skipped=skipped)
         self._sampled = list(node_ids)
         round_log.comm_round.add_sent(wire, copies=len(messages))
         self.comm.add_sent(wire, copies=len(messages))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -45,9 +44,9 @@ def round_lines(log: str) -> list[tuple[str, str, str, str]]:
     return [(rnd, clients, failed, loss) for rnd, loss, clients, failed in found]
 
 
-def stop_tree(pid: int, timeout: float = 15.0) -> None:
-    """Terminate a process and all its descendants, by PID (the product's own helper)."""
-    stop_process_tree(pid, timeout)
+def stop_tree(pid: int, timeout: float = 15.0, graceful: bool = True) -> None:
+    """Terminate (or, not graceful, SIGKILL) a process and all its descendants, by PID (the product's own helper)."""
+    stop_process_tree(pid, timeout, graceful)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -177,7 +176,7 @@ class Federation:
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink and everything it started (its ServerApp): the machine went down."""
         assert self.superlink is not None
-        kill_tree(self.superlink.pid)
+        stop_tree(self.superlink.pid, graceful=False)
         self.superlink = None
 
     def add_node(self, key: int, partition: int, num_partitions: int, hang_round: int | None = None) -> str:
@@ -216,7 +215,7 @@ class Federation:
 
     def kill_node(self, key: int) -> None:
         """SIGKILL SuperNode `key` and its ClientApps: the machine is lost, no goodbye to the SuperLink."""
-        kill_tree(self.nodes[key].pid)
+        stop_tree(self.nodes[key].pid, graceful=False)
 
     def hang_mark(self, key: int) -> Path:
         """The file a SuperNode's ClientApp writes when its training step blocks."""
@@ -243,18 +242,3 @@ class Federation:
         """Stop every process this federation started, by PID."""
         for proc in [*self.others, *self.nodes.values(), *([self.superlink] if self.superlink else [])]:
             stop_tree(proc.pid)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once (no chance to say goodbye)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [root, *root.children(recursive=True)]
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(procs, timeout=10)
